@@ -1,0 +1,118 @@
+"""Activities that prepare a campaign and page its recipients by keyset.
+
+They return ids and counts only: recipients stay in PostgreSQL and never enter
+workflow history.
+"""
+
+from __future__ import annotations
+
+import asyncpg
+import structlog
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from campaigns.models import BatchRange, CampaignPlan, CampaignSpec, PlanBatchesInput
+from campaigns.spec_check import InvalidSpec, check_against_database
+
+log = structlog.get_logger(__name__)
+
+INVALID_SPEC_ERROR = "InvalidCampaignSpec"
+
+_PAGE_AUDIENCE = """
+SELECT id, NULL AS request_key FROM recipients
+WHERE audience_id = $1 AND id > $2 ORDER BY id LIMIT $3
+"""
+_PAGE_LEDGER = """
+SELECT recipient_id AS id, request_key FROM deliveries
+WHERE campaign_id = $1 AND status IN ('failed', 'abandoned') AND recipient_id > $2
+ORDER BY recipient_id LIMIT $3
+"""
+
+
+def cut_into_batches(
+    rows: list[tuple[int, str | None]], after_id: int, batch_size: int, *, last_page: bool
+) -> list[BatchRange]:
+    """Cut ``(id, request_key)`` rows, in id order, into ranges of about ``batch_size``.
+
+    A range never splits the recipients of one earlier provider request (same
+    ``request_key``), so a retry re-sends that request whole, under the same key. On
+    a page that is not the last, the trailing, possibly incomplete request is left
+    for the next page.
+    """
+    ranges: list[BatchRange] = []
+    start, size = after_id, 0
+    for index, (recipient_id, key) in enumerate(rows):
+        size += 1
+        if key is None:
+            closes_request = True
+        elif index + 1 < len(rows):
+            closes_request = key != rows[index + 1][1]
+        else:
+            closes_request = last_page  # the page may have cut this request short
+        if size >= batch_size and closes_request:
+            ranges.append(BatchRange(after_id=start, last_id=recipient_id, size=size))
+            start, size = recipient_id, 0
+    if size and (last_page or not ranges):
+        ranges.append(BatchRange(after_id=start, last_id=rows[-1][0], size=size))
+    return ranges
+
+
+class PlanningActivities:
+    """Campaign preparation and keyset paging; holds the worker's connection pool."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        """Use ``pool`` for every query."""
+        self._pool = pool
+
+    @activity.defn
+    async def prepare_campaign(self, spec: CampaignSpec) -> CampaignPlan:
+        """Check the spec against the database and store it for the batch activities.
+
+        Raises:
+            ApplicationError: non-retryable ``InvalidCampaignSpec`` naming the bad fields.
+        """
+        async with self._pool.acquire() as conn, conn.transaction():
+            try:
+                plan = await check_against_database(conn, spec)
+            except InvalidSpec as exc:
+                raise ApplicationError(str(exc), type=INVALID_SPEC_ERROR, non_retryable=True)
+            await conn.execute(
+                """INSERT INTO campaigns (id, org_id, audience_id, spec)
+                   VALUES ($1, $2, $3, $4)
+                   ON CONFLICT (id) DO UPDATE
+                   SET spec = EXCLUDED.spec, updated_at = now()""",
+                spec.campaign_id,
+                spec.org,
+                plan.audience_id,
+                spec.model_dump(mode="json"),
+            )
+        log.info("campaign prepared", campaign_id=spec.campaign_id, total=plan.total_recipients)
+        return plan
+
+    @activity.defn
+    async def plan_batches(self, request: PlanBatchesInput) -> list[BatchRange]:
+        """Return up to ``max_batches`` keyset ranges after ``after_id``."""
+        if request.source == "audience":
+            sql, scope = _PAGE_AUDIENCE, request.audience_id
+        else:
+            sql, scope = _PAGE_LEDGER, request.campaign_id
+        limit = request.batch_size * request.max_batches
+        rows = await self._pool.fetch(sql, scope, request.after_id, limit)
+        return cut_into_batches(
+            [(row["id"], row["request_key"]) for row in rows],
+            request.after_id,
+            request.batch_size,
+            last_page=len(rows) < limit,
+        )
+
+    @activity.defn
+    async def abandon_failed(self, campaign_id: str) -> int:
+        """Mark the recipients still failing after the last retry round as abandoned."""
+        result = await self._pool.execute(
+            """UPDATE deliveries SET status = 'abandoned', last_attempt_at = now()
+               WHERE campaign_id = $1 AND status = 'failed'""",
+            campaign_id,
+        )
+        abandoned = int(result.split()[-1])
+        log.info("recipients abandoned", campaign_id=campaign_id, abandoned=abandoned)
+        return abandoned

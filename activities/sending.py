@@ -1,0 +1,356 @@
+"""The batch-send activity: one keyset range of recipients, sent exactly once.
+
+A batch reads its recipients with their ledger rows and suppression status in one
+query, decides each recipient's fate, sends the rest in provider requests of at most
+``batch_size`` (several at once), and writes every outcome to the ledger in one
+statement. Retrying a batch is always safe:
+
+* recipients the ledger records as sent are never sent again;
+* a provider request is identified by an idempotency key derived from its
+  recipients, and soft-failed recipients are re-sent in the same groups, so a
+  request the provider accepted before a crash or a lost answer is replayed by the
+  provider rather than delivered twice;
+* counts are derived from the ledger, so a retried batch reports what the first
+  attempt did instead of counting it twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import asyncpg
+import structlog
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from campaigns.addresses import is_valid_address
+from campaigns.models import BatchOutcome, CampaignSpec, DeliveryStatus, SendBatchInput
+from campaigns.provider import (
+    ProviderAuthError,
+    ProviderClient,
+    ProviderConfigError,
+    ProviderReply,
+    ReplyKind,
+    request_key,
+)
+from campaigns.templates import CompiledTemplate, compile_template
+
+log = structlog.get_logger(__name__)
+
+PROVIDER_AUTH_ERROR = "ProviderAuthError"
+PROVIDER_CONFIG_ERROR = "ProviderConfigError"
+PROVIDER_THROTTLED = "ProviderThrottled"
+REQUESTS_IN_FLIGHT_PER_BATCH = 10
+
+_COLUMNS = """
+    r.id, r.email, r.name, r.merge_fields,
+    d.status::text AS status, d.execution_id, d.round, d.request_key,
+    s.email IS NOT NULL AS suppressed
+"""
+_READ_AUDIENCE_RANGE = f"""
+SELECT {_COLUMNS}
+FROM recipients r
+LEFT JOIN deliveries d ON d.campaign_id = $1 AND d.recipient_id = r.id
+LEFT JOIN suppressions s ON s.org_id = $2 AND s.email = r.email
+WHERE r.audience_id = $3 AND r.id > $4 AND r.id <= $5
+ORDER BY r.id
+"""
+_READ_LEDGER_RANGE = f"""
+SELECT {_COLUMNS}
+FROM deliveries d
+JOIN recipients r ON r.id = d.recipient_id
+LEFT JOIN suppressions s ON s.org_id = $2 AND s.email = r.email
+WHERE d.campaign_id = $1 AND r.audience_id = $3
+  AND d.recipient_id > $4 AND d.recipient_id <= $5
+  AND (d.status IN ('failed', 'abandoned') OR (d.execution_id = $6 AND d.round = $7))
+ORDER BY d.recipient_id
+"""
+# One round trip for the whole batch; a row already 'sent' is never overwritten.
+_RECORD = """
+INSERT INTO deliveries AS d (campaign_id, recipient_id, status, execution_id, round,
+                             provider_message_id, request_key, last_error, sent_at)
+SELECT $1, o.recipient_id, o.status::delivery_status, $2, $3, o.message_id, o.request_key,
+       o.error, CASE WHEN o.status = 'sent' THEN now() END
+FROM unnest($4::bigint[], $5::text[], $6::text[], $7::text[], $8::text[])
+     AS o(recipient_id, status, message_id, request_key, error)
+ON CONFLICT (campaign_id, recipient_id) DO UPDATE SET
+    status = EXCLUDED.status,
+    execution_id = EXCLUDED.execution_id,
+    round = EXCLUDED.round,
+    attempts = d.attempts + 1,
+    provider_message_id = EXCLUDED.provider_message_id,
+    request_key = EXCLUDED.request_key,
+    last_error = EXCLUDED.last_error,
+    last_attempt_at = now(),
+    sent_at = EXCLUDED.sent_at
+WHERE d.status <> 'sent'
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class _Campaign:
+    """A campaign's templates, compiled once per worker process."""
+
+    org: str
+    sender: str
+    reply_to: str | None
+    subject: CompiledTemplate
+    html: CompiledTemplate | None
+    text: CompiledTemplate | None
+    tags: list[dict[str, str]]
+
+    @classmethod
+    def from_spec(cls, spec: CampaignSpec) -> _Campaign:
+        tags = [{"name": "campaign", "value": _tag_value(spec.campaign_id)}]
+        tags += [{"name": _tag_value(k), "value": _tag_value(v)} for k, v in spec.tags.items()]
+        return cls(
+            org=spec.org,
+            sender=spec.from_address,
+            reply_to=spec.reply_to,
+            subject=compile_template(spec.subject),
+            html=compile_template(spec.html, html_body=True) if spec.html else None,
+            text=compile_template(spec.text) if spec.text else None,
+            tags=tags,
+        )
+
+    def render(self, row: asyncpg.Record) -> dict[str, object]:
+        values = {**row["merge_fields"], "email": row["email"], "name": row["name"]}
+        email: dict[str, object] = {
+            "from": self.sender,
+            "to": [row["email"]],
+            "subject": self.subject.render(values),
+            "tags": self.tags,
+        }
+        if self.html:
+            email["html"] = self.html.render(values)
+        if self.text:
+            email["text"] = self.text.render(values)
+        if self.reply_to:
+            email["reply_to"] = self.reply_to
+        return email
+
+
+def _tag_value(value: str) -> str:
+    # Provider tags allow ASCII letters, digits, '_' and '-' only.
+    return "".join(c if c.isascii() and (c.isalnum() or c in "_-") else "_" for c in value)[:256]
+
+
+@dataclass
+class _Outcomes:
+    """Outcomes decided by this attempt, in the ledger's column layout."""
+
+    ids: list[int] = field(default_factory=list)
+    statuses: list[str] = field(default_factory=list)
+    message_ids: list[str | None] = field(default_factory=list)
+    keys: list[str | None] = field(default_factory=list)
+    errors: list[str | None] = field(default_factory=list)
+
+    def add(
+        self,
+        recipient_id: int,
+        status: DeliveryStatus,
+        *,
+        message_id: str | None = None,
+        key: str | None = None,
+        error: str | None = None,
+    ) -> None:
+        self.ids.append(recipient_id)
+        self.statuses.append(status.value)
+        self.message_ids.append(message_id)
+        self.keys.append(key)
+        self.errors.append(error)
+
+
+class SendingActivities:
+    """The batch-send activity; holds the worker's pool and shared provider client."""
+
+    def __init__(self, pool: asyncpg.Pool, provider: ProviderClient) -> None:
+        """Share ``pool`` and ``provider`` across all batches of this process."""
+        self._pool = pool
+        self._provider = provider
+        self._campaigns: OrderedDict[tuple[str, str], _Campaign] = OrderedDict()
+
+    async def _campaign(self, campaign_id: str, execution_id: str) -> _Campaign:
+        key = (campaign_id, execution_id)
+        cached = self._campaigns.get(key)
+        if cached is None:
+            spec_json = await self._pool.fetchval(
+                "SELECT spec FROM campaigns WHERE id = $1", campaign_id
+            )
+            if spec_json is None:
+                raise ApplicationError(
+                    f"campaign '{campaign_id}' was not prepared", non_retryable=True
+                )
+            cached = _Campaign.from_spec(CampaignSpec.model_validate(spec_json))
+            self._campaigns[key] = cached
+            while len(self._campaigns) > 64:
+                self._campaigns.popitem(last=False)
+        return cached
+
+    @activity.defn
+    async def send_batch(self, batch: SendBatchInput) -> BatchOutcome:
+        """Send one keyset range; see the module docstring for the guarantees.
+
+        Raises:
+            ApplicationError: ``ProviderAuthError``/``ProviderConfigError`` (non-retryable)
+                when no request can succeed; ``ProviderThrottled`` with
+                ``next_retry_delay`` from ``retry-after`` when the provider asks us to
+                slow down (what was sent is recorded first).
+        """
+        label = f"r{batch.round}:{batch.range.after_id + 1}-{batch.range.last_id}"
+        with structlog.contextvars.bound_contextvars(campaign_id=batch.campaign_id, batch=label):
+            heartbeat = asyncio.create_task(_heartbeat_until_done())
+            try:
+                return await self._send_batch(batch)
+            finally:
+                heartbeat.cancel()
+
+    async def _send_batch(self, batch: SendBatchInput) -> BatchOutcome:
+        started = time.perf_counter()
+        campaign = await self._campaign(batch.campaign_id, batch.execution_id)
+        sql = _READ_AUDIENCE_RANGE if batch.source == "audience" else _READ_LEDGER_RANGE
+        args: tuple[object, ...] = (
+            batch.campaign_id,
+            campaign.org,
+            batch.audience_id,
+            batch.range.after_id,
+            batch.range.last_id,
+        )
+        if batch.source == "ledger":
+            args += (batch.execution_id, batch.round)
+        rows = await self._pool.fetch(sql, *args)
+
+        counts = {status: 0 for status in DeliveryStatus}
+        skipped = 0
+        outcomes = _Outcomes()
+        groups: dict[str, list[asyncpg.Record]] = {}
+        fresh: list[asyncpg.Record] = []
+        for row in rows:
+            status = row["status"]
+            if row["execution_id"] == batch.execution_id and row["round"] == batch.round:
+                counts[DeliveryStatus(status)] += 1  # decided by an earlier attempt
+            elif status == DeliveryStatus.SENT:
+                skipped += 1  # delivered by an earlier execution of this campaign
+            elif row["suppressed"]:
+                outcomes.add(row["id"], DeliveryStatus.SUPPRESSED)
+            elif not is_valid_address(row["email"]):
+                outcomes.add(row["id"], DeliveryStatus.REJECTED, error="invalid email address")
+            elif status == DeliveryStatus.FAILED and row["request_key"]:
+                groups.setdefault(row["request_key"], []).append(row)  # re-send as it was
+            else:
+                fresh.append(row)
+        requests = list(groups.values())
+        requests += [fresh[i : i + batch.batch_size] for i in range(0, len(fresh), batch.batch_size)]
+
+        throttled_for: float | None = None
+        fatal: ApplicationError | None = None
+        limit = asyncio.Semaphore(REQUESTS_IN_FLIGHT_PER_BATCH)
+
+        async def send(group: list[asyncpg.Record]) -> None:
+            nonlocal throttled_for, fatal
+            async with limit:
+                if fatal is not None or throttled_for is not None:
+                    return  # leave unrecorded: the retry of this batch sends them
+                try:
+                    await self._send_group(batch.campaign_id, campaign, group, outcomes)
+                except _Throttled as exc:
+                    throttled_for = max(throttled_for or 0.0, exc.retry_after)
+                except ProviderAuthError as exc:
+                    fatal = ApplicationError(str(exc), type=PROVIDER_AUTH_ERROR, non_retryable=True)
+                except ProviderConfigError as exc:
+                    fatal = ApplicationError(
+                        str(exc), type=PROVIDER_CONFIG_ERROR, non_retryable=True
+                    )
+
+        await asyncio.gather(*(send(group) for group in requests))
+
+        if outcomes.ids:
+            await self._pool.execute(
+                _RECORD,
+                batch.campaign_id,
+                batch.execution_id,
+                batch.round,
+                outcomes.ids,
+                outcomes.statuses,
+                outcomes.message_ids,
+                outcomes.keys,
+                outcomes.errors,
+            )
+        if fatal is not None:
+            log.error("batch stopped", error=fatal.message)
+            raise fatal
+        if throttled_for is not None:
+            log.info("provider throttled", retry_after=throttled_for, recorded=len(outcomes.ids))
+            raise ApplicationError(
+                f"provider rate limit: retry after {throttled_for:.1f}s",
+                type=PROVIDER_THROTTLED,
+                next_retry_delay=timedelta(seconds=max(throttled_for, 0.1)),
+            )
+
+        last_error = None
+        for status, error in zip(outcomes.statuses, outcomes.errors, strict=True):
+            counts[DeliveryStatus(status)] += 1
+            if error and status != DeliveryStatus.SENT:
+                last_error = error
+        outcome = BatchOutcome(
+            sent=counts[DeliveryStatus.SENT],
+            failed=counts[DeliveryStatus.FAILED],
+            rejected=counts[DeliveryStatus.REJECTED],
+            suppressed=counts[DeliveryStatus.SUPPRESSED] ,
+            skipped=skipped,
+            last_error=last_error,
+        )
+        log.info(
+            "batch done",
+            **outcome.model_dump(exclude_none=True),
+            requests=len(requests),
+            seconds=round(time.perf_counter() - started, 3),
+        )
+        return outcome
+
+    async def _send_group(
+        self,
+        campaign_id: str,
+        campaign: _Campaign,
+        group: list[asyncpg.Record],
+        outcomes: _Outcomes,
+    ) -> None:
+        """Send one provider request; on a 422, split it to isolate the refused recipients."""
+        ids = [row["id"] for row in group]
+        key = request_key(campaign_id, ids)
+        reply: ProviderReply = await self._provider.send_batch(
+            [campaign.render(row) for row in group], key
+        )
+        if reply.kind is ReplyKind.ACCEPTED:
+            for recipient_id, message_id in zip(ids, reply.message_ids, strict=True):
+                outcomes.add(recipient_id, DeliveryStatus.SENT, message_id=message_id, key=key)
+        elif reply.kind is ReplyKind.THROTTLED:
+            raise _Throttled(reply.retry_after or 1.0)
+        elif reply.kind is ReplyKind.REJECTED and len(group) > 1:
+            middle = len(group) // 2
+            await self._send_group(campaign_id, campaign, group[:middle], outcomes)
+            await self._send_group(campaign_id, campaign, group[middle:], outcomes)
+        else:
+            status = (
+                DeliveryStatus.REJECTED if reply.kind is ReplyKind.REJECTED else DeliveryStatus.FAILED
+            )
+            for recipient_id in ids:
+                outcomes.add(recipient_id, status, key=key, error=reply.error)
+
+
+class _Throttled(Exception):
+    def __init__(self, retry_after: float) -> None:
+        self.retry_after = retry_after
+
+
+async def _heartbeat_until_done() -> None:
+    """Heartbeat often enough that a dead worker's batch is retried within seconds."""
+    timeout = activity.info().heartbeat_timeout
+    interval = timeout.total_seconds() / 3 if timeout else 5.0
+    while True:
+        activity.heartbeat()
+        await asyncio.sleep(interval)

@@ -1,0 +1,5 @@
+"""``python -m campaigns.cli``."""
+
+from campaigns.cli import main
+
+main()

@@ -1,0 +1,100 @@
+"""Live campaign progress in the terminal, and the final summary table."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
+from rich.table import Table
+from rich.text import Text
+
+from campaigns.models import CampaignStatus
+
+
+def _eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "--:--"
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+def status_line(status: CampaignStatus) -> Text:
+    """One line of counts under the bar."""
+    counts = status.counts
+    line = Text()
+    line.append(f"{status.state.value}", style="bold")
+    line.append(f"  round {status.round}  in flight {status.in_flight_batches}  ")
+    line.append(f"sent {counts.sent:,}", style="green")
+    line.append(f"  failed {counts.failed:,}", style="yellow" if counts.failed else "")
+    line.append(f"  rejected {counts.rejected:,}  suppressed {counts.suppressed:,}")
+    line.append(f"  skipped {counts.skipped:,}  abandoned {counts.abandoned:,}")
+    if status.last_error:
+        line.append(f"\nlast error: {status.last_error}", style="red")
+    return line
+
+
+async def watch(
+    fetch: Callable[[], Awaitable[CampaignStatus]],
+    console: Console,
+    *,
+    interval: float = 0.5,
+) -> CampaignStatus:
+    """Redraw a progress bar with rate and ETA until the campaign is done."""
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(bar_width=None),
+        TaskProgressColumn(),
+        TextColumn("{task.completed:,.0f}/{task.total:,.0f}"),
+        TextColumn("[cyan]{task.fields[rate]:,.0f} emails/s"),
+        TextColumn("ETA {task.fields[eta]}"),
+        console=console,
+        expand=True,
+    )
+    status = await fetch()
+    task = progress.add_task(status.campaign_id, total=status.total or 1, rate=0.0, eta="--:--")
+    with Live(Group(progress, status_line(status)), console=console, refresh_per_second=4) as live:
+        while True:
+            progress.update(
+                task,
+                total=status.total or 1,
+                completed=status.counts.processed,
+                rate=status.rate_per_second,
+                eta=_eta(status.eta_seconds),
+            )
+            live.update(Group(progress, status_line(status)))
+            if status.done:
+                break
+            await asyncio.sleep(interval)
+            status = await fetch()
+    return status
+
+
+def summary_table(status: CampaignStatus) -> Table:
+    """The final outcome of a campaign."""
+    counts = status.counts
+    table = Table(title=f"campaign {status.campaign_id}: {status.state.value}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    for label, value in (
+        ("recipients", status.total),
+        ("sent", counts.sent),
+        ("failed (waiting for a retry round)", counts.failed),
+        ("rejected", counts.rejected),
+        ("suppressed", counts.suppressed),
+        ("skipped (already sent)", counts.skipped),
+        ("abandoned", counts.abandoned),
+        ("not attempted", status.not_attempted),
+    ):
+        table.add_row(label, f"{value:,}")
+    if status.started_at and status.finished_at:
+        seconds = (status.finished_at - status.started_at).total_seconds()
+        table.add_row("duration", f"{seconds:,.1f}s")
+        if seconds > 0:
+            table.add_row("throughput", f"{counts.sent / seconds:,.0f} emails/s")
+    if status.last_error:
+        table.add_row("last error", status.last_error)
+    return table

@@ -1,0 +1,124 @@
+"""Local stack and demo commands."""
+
+from __future__ import annotations
+
+import json
+import time
+from argparse import Namespace
+
+import httpx
+from rich.console import Console
+
+from campaigns import db
+from campaigns.audience_import import import_audience
+from campaigns.cli._campaign import CommandError, fetch_status, start_campaign
+from campaigns.cli._data import print_import_report
+from campaigns.cli._progress import summary_table, watch
+from campaigns.demo import DEMO_ORG, demo_spec, demo_suppressions, write_demo_audience
+from campaigns.settings import Settings, data_dir
+from campaigns.spec_check import check_against_database
+from campaigns.stack import (
+    StackConfig,
+    read_stack_file,
+    run_foreground,
+    start_detached,
+    stop_detached,
+)
+from campaigns.temporal import connect
+
+
+def stack_config(args: Namespace) -> StackConfig:
+    """Stack settings from flags, falling back to the environment's."""
+    config = StackConfig(data_dir=data_dir())
+    for name in ("temporal_port", "ui_port", "simulator_port", "workers"):
+        value = getattr(args, name, None)
+        if value is not None:
+            setattr(config, name, value)
+    return config
+
+
+async def cmd_stack_up(args: Namespace, settings: Settings, console: Console) -> int:
+    """``campaigns stack up [--detach]``."""
+    config = stack_config(args)
+    if not args.detach:
+        return await run_foreground(config)
+    argv = ["stack", "up", "--workers", str(config.workers)]
+    argv += ["--temporal-port", str(config.temporal_port), "--ui-port", str(config.ui_port)]
+    argv += ["--simulator-port", str(config.simulator_port)]
+    state = start_detached(config, argv)
+    console.print(
+        f"local stack running (pid {state['pid']}): Temporal {state['temporal_address']}, "
+        f"Web UI {state['temporal_ui_url']}, simulator {state['provider_base_url']}\n"
+        "stop it with `campaigns stack down`"
+    )
+    return 0
+
+
+async def cmd_stack_down(args: Namespace, settings: Settings, console: Console) -> int:
+    """``campaigns stack down``."""
+    stopped = stop_detached(stack_config(args))
+    console.print("local stack stopped" if stopped else "no local stack is running")
+    return 0
+
+
+async def cmd_stack_status(args: Namespace, settings: Settings, console: Console) -> int:
+    """``campaigns stack status``."""
+    state = read_stack_file(stack_config(args))
+    if not state:
+        console.print("no local stack is running")
+        return 1
+    shown = {k: v for k, v in state.items() if k != "database_url"}
+    print(json.dumps(shown, indent=2))
+    return 0
+
+
+async def cmd_demo(args: Namespace, settings: Settings, console: Console) -> int:
+    """``campaigns demo``: import a demo audience, send to it live, verify exactly-once."""
+    state = read_stack_file(StackConfig(data_dir=data_dir()))
+    if not state:
+        raise CommandError("no local stack is running; start it with `campaigns stack up --detach`")
+    demo_dir = data_dir() / "demo"
+    csv_path = write_demo_audience(demo_dir, args.recipients)
+    spec = demo_spec(args.recipients, campaign_id=f"demo-{time.strftime('%Y%m%d-%H%M%S')}")
+    spec_path = demo_dir / "spec.json"
+    spec_path.write_text(spec.model_dump_json(indent=2, exclude_defaults=True))
+
+    conn = await db.connect(settings.require_database_url())
+    try:
+        await conn.execute(
+            "INSERT INTO orgs (id, name) VALUES ($1, 'Demo Org') ON CONFLICT DO NOTHING", DEMO_ORG
+        )
+        console.print(f"importing {csv_path} ...")
+        report = await import_audience(conn, DEMO_ORG, spec.audience, csv_path)
+        print_import_report(report, console)
+        await conn.executemany(
+            """INSERT INTO suppressions (org_id, email, reason) VALUES ($1, $2, 'unsubscribed')
+               ON CONFLICT DO NOTHING""",
+            [(DEMO_ORG, email) for email in demo_suppressions(args.recipients)],
+        )
+        await check_against_database(conn, spec)
+    finally:
+        await conn.close()
+
+    async with httpx.AsyncClient(base_url=state["provider_base_url"]) as simulator:
+        (await simulator.post("/_sim/reset")).raise_for_status()
+        client = await connect(settings)
+        handle = await start_campaign(client, settings, spec)
+        console.print(f"campaign [bold]{spec.campaign_id}[/] started (spec: {spec_path})")
+        console.print(f"Web UI: {settings.workflow_url(handle.id)}")
+        final = await watch(lambda: fetch_status(client, handle.id), console)
+        console.print(summary_table(final))
+        stats = (await simulator.get("/_sim/stats")).json()
+
+    exactly_once = (
+        stats["duplicated_recipients"] == 0 and stats["unique_recipients"] == final.counts.sent
+    )
+    console.print(
+        f"simulator: {stats['accepted_emails']:,} emails accepted for "
+        f"{stats['unique_recipients']:,} recipients, "
+        f"{stats['duplicated_recipients']:,} delivered more than once "
+        + ("[green](exactly once)[/]" if exactly_once else "[red](NOT exactly once)[/]")
+    )
+    console.print(f"Web UI: {settings.workflow_url(handle.id)}")
+    console.print("the stack keeps running; stop it with `campaigns stack down` (or `make down`)")
+    return 0 if exactly_once and final.counts.sent > 0 else 1

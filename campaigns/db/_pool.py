@@ -1,0 +1,28 @@
+"""asyncpg pools with JSON codecs installed."""
+
+from __future__ import annotations
+
+import json
+
+import asyncpg
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    for type_name in ("json", "jsonb"):
+        await conn.set_type_codec(
+            type_name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
+        )
+
+
+async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
+    """Open a pool whose connections decode json/jsonb into Python objects."""
+    return await asyncpg.create_pool(
+        dsn, min_size=min_size, max_size=max_size, init=_init_connection
+    )
+
+
+async def connect(dsn: str) -> asyncpg.Connection:
+    """Open one connection with the same codecs as the pool."""
+    conn = await asyncpg.connect(dsn)
+    await _init_connection(conn)
+    return conn

@@ -1,0 +1,61 @@
+"""Demo data: a generated audience and a campaign spec that uses its merge fields."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from campaigns.models import CampaignSpec
+
+DEMO_ORG = "demo"
+_FIRST = ["Ada", "Grace", "Alan", "Edsger", "Barbara", "Donald", "Frances", "Ken", "Radia", "Tim"]
+_CITIES = ["Lisbon", "Oslo", "Nairobi", "Lima", "Osaka", "Tartu", "Dakar", "Quito"]
+_PLANS = ["free", "team", "business"]
+
+
+def write_demo_audience(directory: Path, recipients: int) -> Path:
+    """Write (once) a CSV of ``recipients`` rows with name, city and plan columns."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"audience-{recipients}.csv"
+    if path.is_file():
+        return path
+    partial = path.with_suffix(".partial")
+    with partial.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["email", "name", "city", "plan"])
+        for n in range(1, recipients + 1):
+            writer.writerow(
+                [
+                    _address(n),
+                    f"{_FIRST[n % len(_FIRST)]} <{n}>",  # '<' shows that html escapes values
+                    _CITIES[n % len(_CITIES)],
+                    _PLANS[n % len(_PLANS)],
+                ]
+            )
+    partial.rename(path)
+    return path
+
+
+def _address(n: int) -> str:
+    return f"reader{n:07d}@example.com"
+
+
+def demo_suppressions(recipients: int) -> list[str]:
+    """Every 400th demo reader has unsubscribed."""
+    return [_address(n) for n in range(400, recipients + 1, 400)]
+
+
+def demo_spec(recipients: int, campaign_id: str) -> CampaignSpec:
+    """A campaign to the demo audience of ``recipients`` rows."""
+    return CampaignSpec(
+        campaign_id=campaign_id,
+        org=DEMO_ORG,
+        audience=f"demo-{recipients}",
+        from_address="Demo Team <news@demo.example.com>",
+        subject="{{ name }}, what's new in {{ city }}",
+        html="<p>Hello {{ name }},</p><p>Your {{ plan }} plan now includes campaigns.</p>",
+        text="Hello {{ name }},\n\nYour {{ plan }} plan now includes campaigns.",
+        tags={"source": "demo"},
+        window=8,
+        recipients_per_activity=500,
+    )

@@ -1,0 +1,158 @@
+"""HTTP adapter for a Resend-compatible ``POST /emails/batch``.
+
+One ``ProviderClient`` (one ``httpx.AsyncClient``, keep-alive pool) is shared by every
+activity of a worker process. A request's fate is returned as a ``ProviderReply``
+rather than raised, because a batch activity sends many requests at once and must
+record every outcome; only credential and configuration errors, which make every
+other request pointless too, are raised.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from enum import StrEnum
+from datetime import UTC, datetime
+
+import httpx
+from pydantic import SecretStr
+
+
+class ProviderAuthError(Exception):
+    """The provider refused our credentials (401/403): no request can succeed."""
+
+
+class ProviderConfigError(Exception):
+    """The provider endpoint is wrong (404, 405): no request can succeed."""
+
+
+class ReplyKind(StrEnum):
+    """How the provider answered one batch request."""
+
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"  # permanent for this content (400/422)
+    SOFT_FAILURE = "soft_failure"  # 5xx, 409 in-progress, timeouts, connection errors
+    THROTTLED = "throttled"  # 429: not a failure, come back after retry_after
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderReply:
+    """The outcome of one batch request."""
+
+    kind: ReplyKind
+    message_ids: list[str] = field(default_factory=list)
+    error: str | None = None
+    retry_after: float | None = None
+
+
+def request_key(campaign_id: str, recipient_ids: Sequence[int]) -> str:
+    """Idempotency key of the provider request that carries these recipients.
+
+    Derived from what the request contains, so a retry of the same request (after a
+    crash, a timeout or a 5xx) reuses the key and the provider answers with the
+    first reply instead of sending twice.
+    """
+    digest = hashlib.sha256(",".join(map(str, recipient_ids)).encode()).hexdigest()[:32]
+    return f"{campaign_id}/{digest}"
+
+
+def _retry_after_seconds(value: str | None, default: float = 1.0) -> float:
+    if not value:
+        return default
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return default
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+        detail = f"{body.get('name', 'error')}: {body.get('message', '')}".strip()
+    except (ValueError, AttributeError):
+        detail = response.text[:200]
+    return f"HTTP {response.status_code} {detail}"
+
+
+class ProviderClient:
+    """Sends batch requests; one instance per process."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: SecretStr,
+        *,
+        timeout_seconds: float = 30.0,
+        max_connections: int = 64,
+    ) -> None:
+        """Create the shared HTTP client; the key is only unwrapped into the header."""
+        self._http = httpx.AsyncClient(
+            base_url=base_url.rstrip("/"),
+            headers={
+                "Authorization": f"Bearer {api_key.get_secret_value()}",
+                "Content-Type": "application/json",
+                "User-Agent": "campaign-delivery/0.1",
+            },
+            timeout=httpx.Timeout(timeout_seconds, connect=5.0, pool=None),
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections
+            ),
+        )
+
+    async def aclose(self) -> None:
+        """Close pooled connections."""
+        await self._http.aclose()
+
+    async def send_batch(self, emails: list[dict], idempotency_key: str) -> ProviderReply:
+        """POST one batch of at most 100 emails and classify the answer.
+
+        Raises:
+            ProviderAuthError: on 401/403.
+            ProviderConfigError: on 404/405 (wrong base URL).
+        """
+        body = json.dumps(emails, separators=(",", ":"), ensure_ascii=False).encode()
+        try:
+            response = await self._http.post(
+                "/emails/batch", content=body, headers={"Idempotency-Key": idempotency_key}
+            )
+        except httpx.TimeoutException as exc:
+            return ProviderReply(ReplyKind.SOFT_FAILURE, error=f"timeout: {type(exc).__name__}")
+        except httpx.TransportError as exc:
+            return ProviderReply(ReplyKind.SOFT_FAILURE, error=f"connection error: {exc!r}")
+
+        status = response.status_code
+        if status == 200:
+            ids = [item["id"] for item in response.json()["data"]]
+            if len(ids) != len(emails):
+                return ProviderReply(
+                    ReplyKind.SOFT_FAILURE,
+                    error=f"provider returned {len(ids)} ids for {len(emails)} emails",
+                )
+            return ProviderReply(ReplyKind.ACCEPTED, message_ids=ids)
+        if status in (401, 403):
+            raise ProviderAuthError(
+                f"email provider refused the API key ({_error_message(response)}); "
+                "check PROVIDER_API_KEY"
+            )
+        if status in (404, 405):
+            raise ProviderConfigError(
+                f"email provider has no batch endpoint at {response.request.url} "
+                f"({_error_message(response)}); check PROVIDER_BASE_URL"
+            )
+        if status == 429:
+            return ProviderReply(
+                ReplyKind.THROTTLED,
+                error=_error_message(response),
+                retry_after=_retry_after_seconds(response.headers.get("retry-after")),
+            )
+        if status in (400, 422):
+            return ProviderReply(ReplyKind.REJECTED, error=_error_message(response))
+        return ProviderReply(ReplyKind.SOFT_FAILURE, error=_error_message(response))

@@ -1,0 +1,87 @@
+"""Process settings, read from the environment.
+
+When a variable is not set and the local stack is running, its value comes from the
+stack's state file (``<data dir>/stack.json``), so ``campaigns`` commands work against
+``campaigns stack up`` without exporting anything. Secrets are ``SecretStr``: they
+print as ``**********`` and are only unwrapped where a request is made.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import (
+    BaseSettings,
+    JsonConfigSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+DEFAULT_TASK_QUEUE = "campaigns"
+STACK_FILE_NAME = "stack.json"
+
+
+def data_dir() -> Path:
+    """The project data directory: ``CAMPAIGNS_DATA_DIR`` or ``./data``."""
+    return Path(os.environ.get("CAMPAIGNS_DATA_DIR", "data")).resolve()
+
+
+class Settings(BaseSettings):
+    """Where Temporal, PostgreSQL and the email provider are, and how to log."""
+
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+
+    temporal_address: str = "localhost:7233"
+    temporal_namespace: str = "default"
+    temporal_ui_url: str = "http://localhost:8233"
+    task_queue: str = Field(
+        default=DEFAULT_TASK_QUEUE,
+        validation_alias=AliasChoices("CAMPAIGNS_TASK_QUEUE", "task_queue"),
+    )
+    database_url: str | None = None
+    provider_base_url: str | None = None
+    provider_api_key: SecretStr | None = None
+    provider_timeout_seconds: float = 30.0
+    provider_max_connections: int = 64
+    worker_max_concurrent_activities: int = 64
+    worker_graceful_shutdown_seconds: float = 30.0
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: str = "INFO"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Environment first, then the running local stack's state file."""
+        stack_file = data_dir() / STACK_FILE_NAME
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if stack_file.is_file():
+            sources.append(JsonConfigSettingsSource(settings_cls, json_file=stack_file))
+        return tuple(sources)
+
+    @cached_property
+    def ui_namespace_url(self) -> str:
+        """Web UI address of this namespace."""
+        return f"{self.temporal_ui_url.rstrip('/')}/namespaces/{self.temporal_namespace}"
+
+    def workflow_url(self, workflow_id: str) -> str:
+        """Web UI link to one workflow."""
+        return f"{self.ui_namespace_url}/workflows/{workflow_id}"
+
+    def require_database_url(self) -> str:
+        """The database URL, or a clear error saying how to provide one."""
+        if not self.database_url:
+            raise RuntimeError(
+                "DATABASE_URL is not set and no local stack is running "
+                "(start one with `campaigns stack up` or export DATABASE_URL)"
+            )
+        return self.database_url

@@ -1,0 +1,123 @@
+"""Checks of a campaign spec: its shape (pydantic) and what it names in the database.
+
+The CLI runs both before it starts anything; the workflow's first activity runs the
+database half again, so a spec started by other means (``temporal workflow start``,
+the Python client) is held to the same rules.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+from pydantic import ValidationError
+
+from campaigns.models import CampaignPlan, CampaignSpec
+from campaigns.templates import BUILTIN_FIELDS, fields_used
+
+
+@dataclass(frozen=True)
+class SpecProblem:
+    """One thing wrong with a spec, named by its field."""
+
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}"
+
+
+class InvalidSpec(ValueError):
+    """A spec that must not start; ``problems`` names every bad field."""
+
+    def __init__(self, problems: list[SpecProblem]) -> None:
+        """Keep the problems and build a readable message."""
+        self.problems = problems
+        lines = "\n".join(f"  - {problem}" for problem in problems)
+        super().__init__(f"campaign spec is invalid:\n{lines}")
+
+
+def problems_from_validation_error(error: ValidationError) -> list[SpecProblem]:
+    """Turn pydantic's errors into one problem per field."""
+    problems = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "spec"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] not in ("missing", "extra_forbidden") and "input" in item:
+            shown = json.dumps(item["input"], default=str)
+            message += f" (got {shown[:80]})"
+        if item["type"] == "extra_forbidden":
+            message = "is not a known field"
+        problems.append(SpecProblem(field, message))
+    return problems
+
+
+def parse_spec(data: str | bytes | dict[str, Any]) -> CampaignSpec:
+    """Parse JSON text or a dict into a spec.
+
+    Raises:
+        InvalidSpec: naming every field that is wrong.
+    """
+    try:
+        if isinstance(data, dict):
+            return CampaignSpec.model_validate(data)
+        return CampaignSpec.model_validate_json(data)
+    except ValidationError as exc:
+        if any(item["type"] == "json_invalid" for item in exc.errors()):
+            raise InvalidSpec([SpecProblem("spec", "is not valid JSON")]) from None
+        raise InvalidSpec(problems_from_validation_error(exc)) from None
+
+
+async def check_against_database(
+    conn: asyncpg.Connection | asyncpg.Pool, spec: CampaignSpec
+) -> CampaignPlan:
+    """Check that the org, audience and merge fields exist; return the send plan.
+
+    Raises:
+        InvalidSpec: naming every field that refers to something missing.
+    """
+    org = await conn.fetchval("SELECT id FROM orgs WHERE id = $1", spec.org)
+    if org is None:
+        raise InvalidSpec([SpecProblem("org", f"unknown org '{spec.org}'")])
+    audience = await conn.fetchrow(
+        "SELECT id, merge_fields FROM audiences WHERE org_id = $1 AND name = $2",
+        spec.org,
+        spec.audience,
+    )
+    if audience is None:
+        raise InvalidSpec(
+            [SpecProblem("audience", f"org '{spec.org}' has no audience named '{spec.audience}'")]
+        )
+    known = BUILTIN_FIELDS | set(audience["merge_fields"])
+    problems = []
+    for field_name in ("subject", "html", "text"):
+        template = getattr(spec, field_name)
+        unknown = sorted(fields_used(template) - known) if template else []
+        if unknown:
+            names = ", ".join("{{ %s }}" % name for name in unknown)
+            problems.append(
+                SpecProblem(
+                    field_name,
+                    f"unknown merge field {names}; audience '{spec.audience}' has: "
+                    + ", ".join(sorted(known)),
+                )
+            )
+    other = await conn.fetchrow(
+        "SELECT org_id, audience_id FROM campaigns WHERE id = $1", spec.campaign_id
+    )
+    if other is not None and (other["org_id"], other["audience_id"]) != (spec.org, audience["id"]):
+        problems.append(
+            SpecProblem(
+                "campaign_id",
+                f"'{spec.campaign_id}' is already used by a campaign of org "
+                f"'{other['org_id']}' to another audience",
+            )
+        )
+    if problems:
+        raise InvalidSpec(problems)
+    total = await conn.fetchval(
+        "SELECT count(*) FROM recipients WHERE audience_id = $1", audience["id"]
+    )
+    return CampaignPlan(audience_id=audience["id"], total_recipients=total)

@@ -1,0 +1,49 @@
+"""Run the provider simulator: ``python -m simulator --port 8025``.
+
+The accepted API keys come from ``SIMULATOR_API_KEYS`` (comma-separated); without it
+any bearer key is accepted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from aiohttp import web
+
+from simulator.app import Simulator, SimulatorConfig
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse flags and serve until interrupted."""
+    parser = argparse.ArgumentParser(prog="simulator", description=__doc__)
+    parser.add_argument("--host", default=os.environ.get("SIMULATOR_HOST", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("SIMULATOR_PORT", 8025)))
+    parser.add_argument("--latency-ms", type=float, default=0.0)
+    parser.add_argument("--latency-jitter-ms", type=float, default=0.0)
+    parser.add_argument("--error-rate-before", type=float, default=0.0)
+    parser.add_argument("--error-rate-after", type=float, default=0.0)
+    parser.add_argument("--rate-limit", type=float, default=None, help="requests per second")
+    parser.add_argument("--keep-messages", type=int, default=10_000)
+    args = parser.parse_args(argv)
+    keys = [k.strip() for k in os.environ.get("SIMULATOR_API_KEYS", "").split(",") if k.strip()]
+    config = SimulatorConfig(
+        api_keys=keys,
+        latency_ms=args.latency_ms,
+        latency_jitter_ms=args.latency_jitter_ms,
+        error_rate_before=args.error_rate_before,
+        error_rate_after=args.error_rate_after,
+        rate_limit_per_second=args.rate_limit,
+        keep_messages=args.keep_messages,
+    )
+    web.run_app(
+        Simulator(config).app,
+        host=args.host,
+        port=args.port,
+        access_log=None,
+        print=lambda *_: print(f"provider simulator listening on http://{args.host}:{args.port}"),
+    )
+
+
+if __name__ == "__main__":
+    main()

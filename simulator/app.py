@@ -1,0 +1,367 @@
+"""A Resend-compatible email provider simulator.
+
+It serves ``POST /emails/batch`` as the real API does (bearer auth, idempotency keys,
+422 validation errors, 429 with ``retry-after``) and adds what tests and benchmarks
+need: injected latency and faults, a request rate limit, and a count of deliveries
+per recipient so that exactly-once can be asserted from outside.
+
+Admin endpoints live under ``/_sim/``: ``stats``, ``deliveries``, ``messages``,
+``config`` (GET/PUT), ``faults`` (POST a script of upcoming answers) and ``reset``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import random
+import re
+import time
+import uuid
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_BATCH = 100
+MAX_TO = 50
+IDEMPOTENCY_TTL_SECONDS = 24 * 3600
+_ADDRESS = re.compile(r"^[^@\s<>]+@[^@\s<>]+\.[^@\s<>]+$")
+
+
+class ScriptedFault(BaseModel):
+    """One upcoming answer forced on the next batch request."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    status: int = Field(ge=400, le=599)
+    phase: Literal["before", "after"] = Field(
+        default="before",
+        description="'before': refuse without accepting; 'after': accept and deliver, "
+        "then answer with the error (the client never learns it was accepted).",
+    )
+    retry_after: float | None = None
+
+
+class SimulatorConfig(BaseModel):
+    """Behaviour knobs; all can be changed at run time with ``PUT /_sim/config``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    api_keys: list[str] = Field(default_factory=list)
+    latency_ms: float = Field(default=0.0, ge=0)
+    latency_jitter_ms: float = Field(default=0.0, ge=0)
+    error_rate_before: float = Field(default=0.0, ge=0, le=1)
+    error_rate_after: float = Field(default=0.0, ge=0, le=1)
+    rate_limit_per_second: float | None = Field(default=None, gt=0)
+    reject_addresses: list[str] = Field(
+        default_factory=list, description="A batch containing any of these gets a 422."
+    )
+    keep_messages: int = Field(default=10_000, ge=0, description="Last N messages kept.")
+    seed: int | None = None
+
+
+def _error(status: int, name: str, message: str, **headers: str) -> web.Response:
+    return web.json_response(
+        {"statusCode": status, "name": name, "message": message}, status=status, headers=headers
+    )
+
+
+@dataclass
+class _Stored:
+    body_hash: str
+    status: int
+    payload: dict[str, Any]
+    expires_at: float
+
+
+@dataclass
+class SimulatorState:
+    """Everything the simulator remembers."""
+
+    config: SimulatorConfig
+    faults: deque[ScriptedFault] = field(default_factory=deque)
+    idempotency: dict[str, _Stored] = field(default_factory=dict)
+    in_progress: set[str] = field(default_factory=set)
+    deliveries: Counter[str] = field(default_factory=Counter)
+    messages: deque[dict[str, Any]] = field(default_factory=deque)
+    responses: Counter[int] = field(default_factory=Counter)
+    replays: int = 0
+    accepted_emails: int = 0
+    tokens: float = 0.0
+    tokens_at: float = field(default_factory=time.monotonic)
+    rng: random.Random = field(default_factory=random.Random)
+
+    def reset(self) -> None:
+        """Forget deliveries, keys, faults and counters (config stays)."""
+        self.faults.clear()
+        self.idempotency.clear()
+        self.in_progress.clear()
+        self.deliveries.clear()
+        self.messages.clear()
+        self.responses.clear()
+        self.replays = 0
+        self.accepted_emails = 0
+
+    def take_token(self) -> float | None:
+        """Token bucket; returns seconds to wait when the rate limit is exceeded."""
+        rate = self.config.rate_limit_per_second
+        if rate is None:
+            return None
+        now = time.monotonic()
+        self.tokens = min(rate, self.tokens + (now - self.tokens_at) * rate)
+        self.tokens_at = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return None
+        return (1 - self.tokens) / rate
+
+
+def _validate(emails: Any, rejected: set[str]) -> str | None:
+    if not isinstance(emails, list) or not emails:
+        return "The request body must be a non-empty array of emails."
+    if len(emails) > MAX_BATCH:
+        return f"Too many emails in one batch: {len(emails)} (the limit is {MAX_BATCH})."
+    for index, email in enumerate(emails):
+        if not isinstance(email, dict):
+            return f"emails[{index}] must be an object."
+        for required in ("from", "to", "subject"):
+            if not email.get(required):
+                return f"emails[{index}]: missing `{required}` field."
+        if not (email.get("html") or email.get("text")):
+            return f"emails[{index}]: one of `html` or `text` is required."
+        to = email["to"] if isinstance(email["to"], list) else [email["to"]]
+        if len(to) > MAX_TO:
+            return f"emails[{index}]: at most {MAX_TO} recipients in `to`."
+        for address in to:
+            if not isinstance(address, str) or not _ADDRESS.match(address):
+                return f"emails[{index}]: invalid `to` address: {address!r}."
+            if address.lower() in rejected:
+                return f"emails[{index}]: the recipient {address} is not allowed."
+    return None
+
+
+class Simulator:
+    """The aiohttp application and its state."""
+
+    def __init__(self, config: SimulatorConfig | None = None) -> None:
+        """Build the app; ``config`` defaults to accepting any bearer key."""
+        self.state = SimulatorState(config=config or SimulatorConfig())
+        if self.state.config.seed is not None:
+            self.state.rng.seed(self.state.config.seed)
+        self.app = web.Application(client_max_size=16 * 1024 * 1024)
+        self.app.add_routes(
+            [
+                web.post("/emails/batch", self.send_batch),
+                web.get("/_sim/stats", self.stats),
+                web.get("/_sim/deliveries", self.deliveries),
+                web.get("/_sim/messages", self.messages),
+                web.get("/_sim/config", self.get_config),
+                web.put("/_sim/config", self.put_config),
+                web.post("/_sim/faults", self.add_faults),
+                web.post("/_sim/reset", self.reset),
+                web.get("/health", self.health),
+            ]
+        )
+
+    # -- the provider API -------------------------------------------------------------
+
+    async def send_batch(self, request: web.Request) -> web.Response:
+        """``POST /emails/batch``."""
+        state, config = self.state, self.state.config
+        response = await self._send_batch(request, state, config)
+        state.responses[response.status] += 1
+        return response
+
+    async def _send_batch(
+        self, request: web.Request, state: SimulatorState, config: SimulatorConfig
+    ) -> web.Response:
+        auth = request.headers.get("Authorization", "")
+        if not auth.startswith("Bearer ") or not auth[7:].strip():
+            return _error(401, "missing_api_key", "Missing API key in the authorization header.")
+        if config.api_keys and auth[7:].strip() not in config.api_keys:
+            return _error(403, "invalid_api_key", "API key is invalid.")
+
+        wait = state.take_token()
+        if wait is not None:
+            seconds = max(1, int(wait + 0.999))
+            return _error(
+                429,
+                "rate_limit_exceeded",
+                "Too many requests. Please limit the number of requests per second.",
+                **{"retry-after": str(seconds), "ratelimit-reset": str(seconds)},
+            )
+
+        if config.latency_ms or config.latency_jitter_ms:
+            jitter = state.rng.uniform(0, config.latency_jitter_ms)
+            await asyncio.sleep((config.latency_ms + jitter) / 1000)
+
+        raw = await request.read()
+        key = request.headers.get("Idempotency-Key")
+        body_hash = hashlib.sha256(raw).hexdigest()
+        if key:
+            if len(key) > 256:
+                return _error(400, "invalid_idempotency_key", "Idempotency-Key is too long.")
+            stored = state.idempotency.get(key)
+            if stored and stored.expires_at < time.monotonic():
+                del state.idempotency[key]
+                stored = None
+            if stored:
+                if stored.body_hash != body_hash:
+                    return _error(
+                        409,
+                        "invalid_idempotent_request",
+                        "Same idempotency key used with a different request payload.",
+                    )
+                state.replays += 1
+                return web.json_response(stored.payload, status=stored.status)
+            if key in state.in_progress:
+                return _error(
+                    409,
+                    "concurrent_idempotent_requests",
+                    "Same idempotency key used while the original request is in progress.",
+                )
+
+        fault = state.faults.popleft() if state.faults else None
+        if fault is None and state.rng.random() < config.error_rate_before:
+            fault = ScriptedFault(status=500, phase="before")
+        if fault is None and state.rng.random() < config.error_rate_after:
+            fault = ScriptedFault(status=500, phase="after")
+        if fault and fault.phase == "before":
+            headers = {"retry-after": str(fault.retry_after)} if fault.retry_after else {}
+            return _error(fault.status, "application_error", "Injected fault.", **headers)
+
+        try:
+            emails = json.loads(raw)
+        except ValueError:
+            return _error(422, "validation_error", "The request body is not valid JSON.")
+        problem = _validate(emails, {a.lower() for a in config.reject_addresses})
+        if problem:
+            return _error(422, "validation_error", problem)
+
+        if key:
+            state.in_progress.add(key)
+        try:
+            payload = self._accept(emails, state, config)
+            if key:
+                state.idempotency[key] = _Stored(
+                    body_hash, 200, payload, time.monotonic() + IDEMPOTENCY_TTL_SECONDS
+                )
+        finally:
+            if key:
+                state.in_progress.discard(key)
+
+        if fault:  # phase "after": accepted and delivered, but the client hears an error
+            return _error(fault.status, "application_error", "Injected fault after accepting.")
+        return web.json_response(payload)
+
+    @staticmethod
+    def _accept(
+        emails: list[dict[str, Any]], state: SimulatorState, config: SimulatorConfig
+    ) -> dict[str, Any]:
+        data = []
+        for email in emails:
+            message_id = str(uuid.uuid4())
+            to = email["to"] if isinstance(email["to"], list) else [email["to"]]
+            for address in to:
+                state.deliveries[address.lower()] += 1
+            state.accepted_emails += 1
+            if config.keep_messages:
+                state.messages.append({"id": message_id, **email})
+                while len(state.messages) > config.keep_messages:
+                    state.messages.popleft()
+            data.append({"id": message_id})
+        return {"data": data}
+
+    # -- admin ------------------------------------------------------------------------
+
+    async def stats(self, request: web.Request) -> web.Response:
+        """Totals: accepted emails, unique and duplicated recipients, answers by status."""
+        deliveries = self.state.deliveries
+        duplicated = sum(1 for count in deliveries.values() if count > 1)
+        return web.json_response(
+            {
+                "accepted_emails": self.state.accepted_emails,
+                "unique_recipients": len(deliveries),
+                "duplicated_recipients": duplicated,
+                "max_deliveries_per_recipient": max(deliveries.values(), default=0),
+                "replays": self.state.replays,
+                "responses": {str(k): v for k, v in sorted(self.state.responses.items())},
+                "pending_faults": len(self.state.faults),
+            }
+        )
+
+    async def deliveries(self, request: web.Request) -> web.Response:
+        """Deliveries per recipient; ``?email=`` for one, ``?duplicates=1`` for counts > 1."""
+        email = request.query.get("email")
+        if email:
+            return web.json_response({email: self.state.deliveries.get(email.lower(), 0)})
+        only_duplicates = request.query.get("duplicates") in ("1", "true")
+        return web.json_response(
+            {
+                address: count
+                for address, count in self.state.deliveries.items()
+                if count > 1 or not only_duplicates
+            }
+        )
+
+    async def messages(self, request: web.Request) -> web.Response:
+        """The last kept messages, optionally only those to ``?to=``."""
+        to = request.query.get("to", "").lower()
+        found = [
+            message
+            for message in self.state.messages
+            if not to
+            or to
+            in [a.lower() for a in (message["to"] if isinstance(message["to"], list) else [message["to"]])]
+        ]
+        return web.json_response(found)
+
+    async def get_config(self, request: web.Request) -> web.Response:
+        """Current configuration (keys are not shown)."""
+        return web.json_response(self.state.config.model_dump(exclude={"api_keys"}))
+
+    async def put_config(self, request: web.Request) -> web.Response:
+        """Merge the posted fields into the configuration."""
+        try:
+            update = await request.json()
+            merged = {**self.state.config.model_dump(), **update}
+            self.state.config = SimulatorConfig.model_validate(merged)
+        except ValueError as exc:
+            return _error(422, "validation_error", str(exc))
+        if "seed" in update and self.state.config.seed is not None:
+            self.state.rng.seed(self.state.config.seed)
+        return web.json_response(self.state.config.model_dump(exclude={"api_keys"}))
+
+    async def add_faults(self, request: web.Request) -> web.Response:
+        """Queue scripted answers for the next batch requests."""
+        try:
+            faults = [ScriptedFault.model_validate(item) for item in await request.json()]
+        except (ValueError, TypeError) as exc:
+            return _error(422, "validation_error", str(exc))
+        self.state.faults.extend(faults)
+        return web.json_response({"pending_faults": len(self.state.faults)})
+
+    async def reset(self, request: web.Request) -> web.Response:
+        """Forget everything but the configuration."""
+        self.state.reset()
+        return web.json_response({"reset": True})
+
+    async def health(self, request: web.Request) -> web.Response:
+        """Liveness probe."""
+        return web.json_response({"ok": True})
+
+
+async def start_simulator(
+    config: SimulatorConfig | None = None, *, host: str = "127.0.0.1", port: int = 0
+) -> tuple[Simulator, web.AppRunner, str]:
+    """Serve a simulator on ``host:port`` (0 = any free port); return it and its URL."""
+    simulator = Simulator(config)
+    runner = web.AppRunner(simulator.app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    bound_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return simulator, runner, f"http://{host}:{bound_port}"

