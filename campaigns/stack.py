@@ -148,6 +148,7 @@ class LocalStack:
     config: StackConfig
     children: list[_Child] = field(default_factory=list)
     _postgres: object | None = None
+    _wrote_state: bool = False
 
     async def start(self) -> dict:
         """Start every service, wait until each answers, and write ``stack.json``."""
@@ -234,8 +235,10 @@ class LocalStack:
             "database_url": database_url,
             "provider_base_url": simulator_url,
             "workers": config.workers,
+            "services": {c.name: c.process.pid for c in self.children if c.process},
             "started_at": time.time(),
         }
+        self._wrote_state = True
         config.env_file.touch(mode=0o600)
         config.env_file.write_text(
             "".join(
@@ -287,8 +290,9 @@ class LocalStack:
 
     def stop(self) -> None:
         """Stop workers first (they finish in-flight batches), then the services."""
-        self.config.stack_file.unlink(missing_ok=True)
-        self.config.env_file.unlink(missing_ok=True)
+        if self._wrote_state:  # never remove the files of another running stack
+            self.config.stack_file.unlink(missing_ok=True)
+            self.config.env_file.unlink(missing_ok=True)
         for child in sorted(self.children, key=lambda c: not c.name.startswith("worker")):
             child.stop(timeout=40 if child.name.startswith("worker") else 15)
             log.info("stopped", service=child.name)
@@ -328,34 +332,39 @@ async def run_foreground(config: StackConfig) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    problem = None
     try:
         state = await stack.start()
-    except BaseException:
-        stack.stop()
-        raise
-    print(
-        "local stack ready\n"
-        f"  Temporal      {state['temporal_address']}\n"
-        f"  Web UI        {state['temporal_ui_url']}\n"
-        f"  PostgreSQL    {_redact(state['database_url'])}\n"
-        f"  simulator     {state['provider_base_url']}\n"
-        f"  workers       {config.workers}\n"
-        f"  logs          {config.log_dir}",
-        flush=True,
-    )
-    problem = None
-    while not stop.is_set() and problem is None:
-        try:
-            await asyncio.wait_for(stop.wait(), timeout=1.0)
-        except TimeoutError:
-            problem = stack.check_children()
-    print("stopping local stack ...", flush=True)
-    stack.stop()
+        _say(
+            "local stack ready\n"
+            f"  Temporal      {state['temporal_address']}\n"
+            f"  Web UI        {state['temporal_ui_url']}\n"
+            f"  PostgreSQL    {_redact(state['database_url'])}\n"
+            f"  simulator     {state['provider_base_url']}\n"
+            f"  workers       {config.workers}\n"
+            f"  logs          {config.log_dir}"
+        )
+        while not stop.is_set() and problem is None:
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=1.0)
+            except TimeoutError:
+                problem = stack.check_children()
+        _say("stopping local stack ...")
+    finally:
+        stack.stop()  # whatever happened above, leave no service behind
     if problem:
-        print(problem, file=sys.stderr)
+        _say(problem)
         return 1
-    print("local stack stopped", flush=True)
+    _say("local stack stopped")
     return 0
+
+
+def _say(text: str) -> None:
+    """Print, but never let a closed terminal or pipe stop the shutdown."""
+    try:
+        print(text, flush=True)
+    except OSError:
+        pass
 
 
 def _redact(url: str) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
-from temporalio.common import TypedSearchAttributes
+from temporalio.common import SearchAttributePair, TypedSearchAttributes
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
@@ -72,8 +72,8 @@ async def start_campaign(
             f"audience {spec.audience}",
             search_attributes=TypedSearchAttributes(
                 [
-                    sa.CAMPAIGN_STATE.value_set(CampaignState.PREPARING.value),
-                    sa.CAMPAIGN_ORG.value_set(spec.org),
+                    SearchAttributePair(sa.CAMPAIGN_STATE, CampaignState.PREPARING.value),
+                    SearchAttributePair(sa.CAMPAIGN_ORG, spec.org),
                 ]
             ),
         )
@@ -101,17 +101,22 @@ async def cmd_start(args: Namespace, settings: Settings, console: Console) -> in
 
 
 async def fetch_status(client: Client, workflow_id: str) -> CampaignStatus:
-    """The campaign's status from its ``status`` query (its result once it is closed)."""
-    handle = client.get_workflow_handle(workflow_id)
+    """The campaign's status: its result once completed, else its ``status`` query."""
+    handle = client.get_workflow_handle(workflow_id, result_type=CampaignStatus)
     try:
-        return await handle.query(CampaignWorkflow.status)
+        description = await handle.describe()
     except RPCError as exc:
         if "not found" in str(exc).lower():
             raise CommandError(f"no campaign workflow with id '{workflow_id}'") from None
-        description = await handle.describe()
-        if description.status == WorkflowExecutionStatus.COMPLETED:
-            return await handle.result()
-        raise CommandError(f"cannot read the status of '{workflow_id}': {exc}") from None
+        raise
+    if description.status == WorkflowExecutionStatus.COMPLETED:
+        return await handle.result()
+    try:
+        return await handle.query(CampaignWorkflow.status)
+    except RPCError as exc:
+        raise CommandError(
+            f"cannot read the status of '{workflow_id}' ({exc}); is a worker running?"
+        ) from None
 
 
 async def cmd_status(args: Namespace, settings: Settings, console: Console) -> int:

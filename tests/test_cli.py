@@ -1,0 +1,154 @@
+"""The CLIs against the real stack: ours (`campaigns`) and the official `temporal`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+import asyncpg
+import pytest
+from temporalio.client import Client
+
+from campaigns.binaries import temporal_cli
+from campaigns.models import CampaignState, CampaignStatus
+from campaigns.settings import Settings
+from tests.helpers import SimulatorControl, addresses, make_audience, make_org, make_spec
+from workflows import CampaignWorkflow
+
+pytestmark = pytest.mark.usefixtures("worker")
+
+
+class Result(NamedTuple):
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def cli_env(settings: Settings, tmp_path: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "TEMPORAL_ADDRESS": settings.temporal_address,
+        "CAMPAIGNS_TASK_QUEUE": settings.task_queue,
+        "DATABASE_URL": settings.database_url or "",
+        "CAMPAIGNS_DATA_DIR": str(tmp_path / "data"),  # no local stack state
+        "COLUMNS": "200",
+    }
+
+
+async def run(*argv: str, env: dict[str, str] | None = None) -> Result:
+    """Run a command without blocking the event loop (the test worker lives in it)."""
+    process = await asyncio.create_subprocess_exec(
+        *argv, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=120)
+    return Result(process.returncode or 0, stdout.decode(), stderr.decode())
+
+
+async def campaigns(env: dict[str, str], *args: str) -> Result:
+    return await run(sys.executable, "-m", "campaigns.cli", *args, env=env)
+
+
+async def test_start_validates_first_and_names_the_field(
+    settings: Settings, pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    org = await make_org(pool)
+    audience, _ = await make_audience(pool, tmp_path, org, addresses("clival", 5))
+    spec = make_spec(org, audience).model_dump(mode="json")
+    env = cli_env(settings, tmp_path)
+
+    for changes, expected in [
+        ({"batch_size": 101}, "batch_size: Input should be less than or equal to 100"),
+        ({"audience": "ghost"}, f"audience: org '{org}' has no audience named 'ghost'"),
+        ({"html": "{{ shoe_size }}"}, "html: unknown merge field {{ shoe_size }}"),
+        ({"from_address": "nobody"}, "from_address: 'nobody' is not a valid sender"),
+    ]:
+        path = tmp_path / "bad.json"
+        path.write_text(json.dumps({**spec, **changes}))
+        result = await campaigns(env, "start", str(path))
+        assert result.returncode == 2, result.stderr
+        assert expected in " ".join(result.stderr.split()), result.stderr
+    listed = await campaigns(env, "list", "--json")
+    assert spec["campaign_id"] not in listed.stdout  # nothing was started
+
+
+async def test_start_status_and_list_through_our_cli(
+    settings: Settings, client: Client, pool: asyncpg.Pool, sim: SimulatorControl, tmp_path: Path
+) -> None:
+    org = await make_org(pool)
+    audience, _ = await make_audience(pool, tmp_path, org, addresses("cli", 150))
+    spec = make_spec(org, audience)
+    path = tmp_path / "spec.json"
+    path.write_text(spec.model_dump_json())
+    env = cli_env(settings, tmp_path)
+
+    started = await campaigns(env, "start", str(path))
+
+    assert started.returncode == 0, started.stderr
+    assert f"workflow id  {spec.campaign_id}" in started.stdout
+    assert f"/namespaces/default/workflows/{spec.campaign_id}" in started.stdout
+    await client.get_workflow_handle(spec.campaign_id).result()
+    status = await campaigns(env, "status", spec.campaign_id, "--json")
+    assert status.returncode == 0, status.stderr
+    snapshot = CampaignStatus.model_validate_json(status.stdout)
+    assert snapshot.state is CampaignState.COMPLETED and snapshot.counts.sent == 150
+    watched = await campaigns(env, "status", spec.campaign_id)  # the live view ends at once
+    assert watched.returncode == 0 and "Completed" in watched.stdout
+    listed = json.loads((await campaigns(env, "list", "--json", "--org", org)).stdout)
+    assert [(row["workflow_id"], row["state"]) for row in listed] == [
+        (spec.campaign_id, "Completed")
+    ]
+
+
+async def test_the_same_json_starts_through_the_official_temporal_cli(
+    settings: Settings, client: Client, pool: asyncpg.Pool, sim: SimulatorControl, tmp_path: Path
+) -> None:
+    org = await make_org(pool)
+    emails = addresses("tcli", 80)
+    audience, _ = await make_audience(pool, tmp_path, org, emails)
+    spec = make_spec(org, audience)
+    spec_json = spec.model_dump_json()
+
+    result = await run(
+        temporal_cli(),
+        "workflow",
+        "start",
+        "--address",
+        settings.temporal_address,
+        "--type",
+        "CampaignWorkflow",
+        "--task-queue",
+        settings.task_queue,
+        "--workflow-id",
+        spec.campaign_id,
+        "--input",
+        spec_json,
+    )
+    assert result.returncode == 0, result.stderr
+
+    final = await client.get_workflow_handle(spec.campaign_id, result_type=CampaignStatus).result()
+    assert final.state is CampaignState.COMPLETED
+    assert final.counts.sent == 80
+    delivered = await sim.deliveries()
+    assert sorted(delivered) == sorted(emails)
+    queried = await client.get_workflow_handle(spec.campaign_id).query(CampaignWorkflow.status)
+    assert queried.counts.sent == 80
+
+
+async def test_cli_import_reports_bad_rows(
+    settings: Settings, pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    org = await make_org(pool)
+    path = tmp_path / "list.csv"
+    path.write_text("email,name\nok@example.com,Ok\nnope,Bad\nok@example.com,Dup\n")
+    env = cli_env(settings, tmp_path)
+
+    result = await campaigns(env, "audience", "import", "--org", org, "--name", "list", str(path))
+
+    assert result.returncode == 0, result.stderr
+    assert "1 new" in result.stdout and "2 left out" in result.stdout
+    assert "line 3: invalid email address 'nope'" in result.stdout
+    assert "line 4: duplicate of line 2 (ok@example.com)" in result.stdout
