@@ -75,7 +75,9 @@ class PlanningActivities:
             try:
                 plan = await check_against_database(conn, spec)
             except InvalidSpec as exc:
-                raise ApplicationError(str(exc), type=INVALID_SPEC_ERROR, non_retryable=True)
+                raise ApplicationError(
+                    str(exc), type=INVALID_SPEC_ERROR, non_retryable=True
+                ) from None
             await conn.execute(
                 """INSERT INTO campaigns (id, org_id, audience_id, spec)
                    VALUES ($1, $2, $3, $4)

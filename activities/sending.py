@@ -244,7 +244,9 @@ class SendingActivities:
             else:
                 fresh.append(row)
         requests = list(groups.values())
-        requests += [fresh[i : i + batch.batch_size] for i in range(0, len(fresh), batch.batch_size)]
+        requests += [
+            fresh[i : i + batch.batch_size] for i in range(0, len(fresh), batch.batch_size)
+        ]
 
         throttled_for: float | None = None
         fatal: ApplicationError | None = None
@@ -300,7 +302,7 @@ class SendingActivities:
             sent=counts[DeliveryStatus.SENT],
             failed=counts[DeliveryStatus.FAILED],
             rejected=counts[DeliveryStatus.REJECTED],
-            suppressed=counts[DeliveryStatus.SUPPRESSED] ,
+            suppressed=counts[DeliveryStatus.SUPPRESSED],
             skipped=skipped,
             last_error=last_error,
         )
@@ -336,7 +338,9 @@ class SendingActivities:
             await self._send_group(campaign_id, campaign, group[middle:], outcomes)
         else:
             status = (
-                DeliveryStatus.REJECTED if reply.kind is ReplyKind.REJECTED else DeliveryStatus.FAILED
+                DeliveryStatus.REJECTED
+                if reply.kind is ReplyKind.REJECTED
+                else DeliveryStatus.FAILED
             )
             for recipient_id in ids:
                 outcomes.add(recipient_id, status, key=key, error=reply.error)

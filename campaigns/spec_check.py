@@ -96,7 +96,7 @@ async def check_against_database(
         template = getattr(spec, field_name)
         unknown = sorted(fields_used(template) - known) if template else []
         if unknown:
-            names = ", ".join("{{ %s }}" % name for name in unknown)
+            names = ", ".join("{{ " + name + " }}" for name in unknown)
             problems.append(
                 SpecProblem(
                     field_name,

@@ -301,8 +301,8 @@ class LocalStack:
             log.info("stopped", service="postgres")
 
 
-async def _wait_for(check, what: str, timeout: float = READY_TIMEOUT_SECONDS):  # noqa: ANN001
-    deadline = time.monotonic() + timeout
+async def _wait_for(check, what: str, within: float = READY_TIMEOUT_SECONDS):  # noqa: ANN001
+    deadline = time.monotonic() + within
     last: Exception | None = None
     while time.monotonic() < deadline:
         try:
@@ -310,7 +310,7 @@ async def _wait_for(check, what: str, timeout: float = READY_TIMEOUT_SECONDS):  
         except Exception as exc:  # noqa: BLE001 - any failure means "not ready yet"
             last = exc
             await asyncio.sleep(0.25)
-    raise StackError(f"{what} did not become ready within {timeout:.0f}s: {last}")
+    raise StackError(f"{what} did not become ready within {within:.0f}s: {last}")
 
 
 async def _temporal_ready(address: str, namespace: str) -> None:

@@ -315,7 +315,10 @@ class Simulator:
             for message in self.state.messages
             if not to
             or to
-            in [a.lower() for a in (message["to"] if isinstance(message["to"], list) else [message["to"]])]
+            in [
+                a.lower()
+                for a in (message["to"] if isinstance(message["to"], list) else [message["to"]])
+            ]
         ]
         return web.json_response(found)
 

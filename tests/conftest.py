@@ -132,9 +132,7 @@ def settings(database_url: str, simulator_url: str, temporal_env: WorkflowEnviro
 
 
 @pytest.fixture(scope="session")
-async def worker(
-    client: Client, settings: Settings, pool: asyncpg.Pool
-) -> AsyncIterator[None]:
+async def worker(client: Client, settings: Settings, pool: asyncpg.Pool) -> AsyncIterator[None]:
     """One campaign worker for the whole session, on ``TASK_QUEUE``."""
     from worker import build_worker
 

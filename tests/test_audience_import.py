@@ -81,12 +81,17 @@ async def test_reimport_is_idempotent_and_updates_changed_rows(
         "SELECT id, email FROM recipients WHERE audience_id = $1 ORDER BY id", first.audience_id
     )
 
-    path.write_text("email,name,city,plan\nada@example.com,Ada L.,Lisbon,team\nnew@example.com,New,Lima,free\n")
+    path.write_text(
+        "email,name,city,plan\nada@example.com,Ada L.,Lisbon,team\nnew@example.com,New,Lima,free\n"
+    )
     changed = await run_import(pool, path, org, "people")
     assert (changed.inserted, changed.updated, changed.unchanged) == (1, 1, 0)
-    assert await pool.fetchval(
-        "SELECT count(*) FROM recipients WHERE audience_id = $1", first.audience_id
-    ) == 4
+    assert (
+        await pool.fetchval(
+            "SELECT count(*) FROM recipients WHERE audience_id = $1", first.audience_id
+        )
+        == 4
+    )
 
 
 @pytest.mark.parametrize(

@@ -35,8 +35,13 @@ def stack_env(data_dir: Path) -> dict[str, str]:
 
 async def run_cli(env: dict[str, str], *args: str) -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "campaigns.cli", *args, env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "campaigns.cli",
+        *args,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(process.communicate(), timeout=150)
     return process.returncode or 0, out.decode(), err.decode()
@@ -67,10 +72,22 @@ async def start_stack(
     stacks: list[asyncio.subprocess.Process], env: dict[str, str], ports: dict[str, int]
 ) -> asyncio.subprocess.Process:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "campaigns.cli", "stack", "up",
-        "--temporal-port", str(ports["temporal"]), "--ui-port", str(ports["ui"]),
-        "--simulator-port", str(ports["simulator"]), "--workers", "1",
-        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        sys.executable,
+        "-m",
+        "campaigns.cli",
+        "stack",
+        "up",
+        "--temporal-port",
+        str(ports["temporal"]),
+        "--ui-port",
+        str(ports["ui"]),
+        "--simulator-port",
+        str(ports["simulator"]),
+        "--workers",
+        "1",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
     )
     stacks.append(process)
     return process
@@ -91,8 +108,15 @@ async def test_taken_port_gives_a_clear_error(tmp_path: Path) -> None:
         holder.listen()
         port = holder.getsockname()[1]
         code, _, err = await run_cli(
-            stack_env(tmp_path / "data"), "stack", "up", "--simulator-port", str(port),
-            "--temporal-port", str(free_port()), "--ui-port", str(free_port()),
+            stack_env(tmp_path / "data"),
+            "stack",
+            "up",
+            "--simulator-port",
+            str(port),
+            "--temporal-port",
+            str(free_port()),
+            "--ui-port",
+            str(free_port()),
         )
     assert code == 1
     message = " ".join(err.split())

@@ -261,7 +261,9 @@ class CampaignWorkflow:
             status.last_error = error
         self._set_state(state)
         if state is CampaignState.FAILED:
-            raise ApplicationError(f"campaign {status.campaign_id} failed: {error}", non_retryable=True)
+            raise ApplicationError(
+                f"campaign {status.campaign_id} failed: {error}", non_retryable=True
+            )
         return status
 
 

@@ -101,7 +101,9 @@ async def cmd_audience_list(args: Namespace, settings: Settings, console: Consol
         await conn.close()
     table = Table("org", "audience", "recipients", "merge fields")
     for row in rows:
-        table.add_row(row["org_id"], row["name"], f"{row['recipients']:,}", ", ".join(row["merge_fields"]))
+        table.add_row(
+            row["org_id"], row["name"], f"{row['recipients']:,}", ", ".join(row["merge_fields"])
+        )
     console.print(table)
     return 0
 

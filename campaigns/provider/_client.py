@@ -13,9 +13,9 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from enum import StrEnum
-from datetime import UTC, datetime
 
 import httpx
 from pydantic import SecretStr

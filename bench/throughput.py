@@ -1,0 +1,216 @@
+"""Campaign throughput: Temporal end to end against a plain asyncio loop, same run.
+
+Starts a private local stack (own ports and data directory; ``DATABASE_URL`` is used
+when set), generates an audience of N recipients, then:
+
+1. sends a campaign to all of them through the worker (Temporal workflow, batch
+   activities, retry policy, heartbeats);
+2. sends the same recipients again, as a second campaign, through a plain asyncio
+   loop in this process that calls the very same paging and batch-send code (same
+   simulator, same ledger writes) with the same concurrency and no Temporal.
+
+It prints emails/s for both, their ratio, the worker's peak RSS and the workflow's
+history length, and checks exactly-once at the simulator for both runs.
+
+    python bench/throughput.py --recipients 100000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pydantic import SecretStr
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from activities import PlanningActivities, SendingActivities  # noqa: E402
+from bench._harness import BENCH_ORG, BenchStack, bench_stack, ensure_audience  # noqa: E402
+from campaigns.cli._campaign import start_campaign  # noqa: E402
+from campaigns.logs import configure_logging  # noqa: E402
+from campaigns.models import (  # noqa: E402
+    BatchOutcome,
+    CampaignCounts,
+    CampaignSpec,
+    PlanBatchesInput,
+    SendBatchInput,
+)
+from campaigns.provider import ProviderClient  # noqa: E402
+from campaigns.temporal import connect  # noqa: E402
+
+
+@dataclass
+class Measurement:
+    """One run's figures."""
+
+    path: str
+    recipients: int
+    sent: int
+    seconds: float
+    emails_per_second: float
+    duplicates: int
+    worker_peak_rss_mib: float | None = None
+    history_events: int | None = None
+
+
+def make_spec(campaign_id: str, audience: str, args: argparse.Namespace) -> CampaignSpec:
+    return CampaignSpec(
+        campaign_id=campaign_id,
+        org=BENCH_ORG,
+        audience=audience,
+        from_address="Bench <bench@example.com>",
+        subject="Hello {{ name }}",
+        html="<p>Hi {{ name }} from {{ city }}</p>",
+        text="Hi {{ name }}",
+        window=args.window,
+        recipients_per_activity=args.per_activity,
+    )
+
+
+async def run_temporal(bench: BenchStack, audience: str, args: argparse.Namespace) -> Measurement:
+    spec = make_spec(f"bench-temporal-{time.strftime('%H%M%S')}", audience, args)
+    await bench.reset_simulator(latency_ms=args.latency_ms)
+    client = await connect(bench.settings)
+    started = time.perf_counter()
+    handle = await start_campaign(client, bench.settings, spec)
+    result = await handle.result()
+    seconds = time.perf_counter() - started
+    stats = await bench.simulator_stats()
+    description = await handle.describe()
+    return Measurement(
+        path="temporal",
+        recipients=args.recipients,
+        sent=result.counts.sent,
+        seconds=seconds,
+        emails_per_second=result.counts.sent / seconds,
+        duplicates=stats["duplicated_recipients"],
+        worker_peak_rss_mib=bench.peak_rss_mib(),
+        history_events=description.history_length,
+    )
+
+
+async def run_plain_loop(bench: BenchStack, audience: str, args: argparse.Namespace) -> Measurement:
+    spec = make_spec(f"bench-plain-{time.strftime('%H%M%S')}", audience, args)
+    await bench.reset_simulator(latency_ms=args.latency_ms)
+    api_key = _stack_api_key(bench)
+    provider = ProviderClient(bench.state["provider_base_url"], SecretStr(api_key))
+    planning = PlanningActivities(bench.pool)
+    sending = SendingActivities(bench.pool, provider)
+    counts = CampaignCounts()
+    started = time.perf_counter()
+    plan = await planning.prepare_campaign(spec)
+    limit = asyncio.Semaphore(spec.window)
+    tasks: list[asyncio.Task[BatchOutcome]] = []
+
+    async def send(batch: SendBatchInput) -> BatchOutcome:
+        async with limit:
+            return await sending._send_batch(batch)
+
+    cursor = 0
+    while True:
+        page = await planning.plan_batches(
+            PlanBatchesInput(
+                campaign_id=spec.campaign_id,
+                audience_id=plan.audience_id,
+                source="audience",
+                after_id=cursor,
+                batch_size=spec.recipients_per_activity,
+                max_batches=max(2 * spec.window, 4),
+            )
+        )
+        if not page:
+            break
+        cursor = page[-1].last_id
+        for batch_range in page:
+            batch = SendBatchInput(
+                campaign_id=spec.campaign_id,
+                execution_id="plain-loop",
+                audience_id=plan.audience_id,
+                source="audience",
+                round=0,
+                range=batch_range,
+                batch_size=spec.batch_size,
+            )
+            tasks.append(asyncio.create_task(send(batch)))
+        # Keep paging only as far ahead as the window, like the workflow does.
+        while sum(not task.done() for task in tasks) > 2 * spec.window:
+            await asyncio.wait([t for t in tasks if not t.done()], return_when="FIRST_COMPLETED")
+    for outcome in await asyncio.gather(*tasks):
+        counts.add(outcome)
+    seconds = time.perf_counter() - started
+    await provider.aclose()
+    stats = await bench.simulator_stats()
+    return Measurement(
+        path="plain asyncio loop",
+        recipients=args.recipients,
+        sent=counts.sent,
+        seconds=seconds,
+        emails_per_second=counts.sent / seconds,
+        duplicates=stats["duplicated_recipients"],
+    )
+
+
+def _stack_api_key(bench: BenchStack) -> str:
+    env_file = bench.stack.config.env_file
+    for line in env_file.read_text().splitlines():
+        if line.startswith("PROVIDER_API_KEY="):
+            return line.split("=", 1)[1]
+    raise RuntimeError(f"no PROVIDER_API_KEY in {env_file}")
+
+
+def report(temporal: Measurement, plain: Measurement) -> None:
+    print()
+    print(
+        f"{'path':<20} {'sent':>10} {'seconds':>9} {'emails/s':>10} {'dups':>5} "
+        f"{'peak RSS':>9} {'history':>8}"
+    )
+    for m in (temporal, plain):
+        rss = f"{m.worker_peak_rss_mib:.0f} MiB" if m.worker_peak_rss_mib else "-"
+        print(
+            f"{m.path:<20} {m.sent:>10,} {m.seconds:>9.1f} {m.emails_per_second:>10,.0f} "
+            f"{m.duplicates:>5} {rss:>9} {m.history_events or '-':>8}"
+        )
+    print(
+        f"\nratio temporal / plain loop: {temporal.emails_per_second / plain.emails_per_second:.2f}"
+    )
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--recipients", type=int, default=100_000)
+    parser.add_argument("--window", type=int, default=8, help="batch activities in flight")
+    parser.add_argument("--per-activity", type=int, default=1000, help="recipients per batch")
+    parser.add_argument("--latency-ms", type=float, default=0.0, help="simulator latency")
+    parser.add_argument("--data-dir", type=Path, default=None, help="keep the stack's data here")
+    args = parser.parse_args()
+    configure_logging("WARNING", "console")
+
+    data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="campaigns-bench-"))
+    print(
+        f"benchmark: {args.recipients:,} recipients, window {args.window}, "
+        f"{args.per_activity} per activity, simulator latency {args.latency_ms} ms"
+    )
+    async with bench_stack(data_dir) as bench:
+        audience = await ensure_audience(bench.pool, args.recipients)
+        temporal = await run_temporal(bench, audience, args)
+        plain = await run_plain_loop(bench, audience, args)
+    report(temporal, plain)
+    results = Path(__file__).parent / "results"
+    results.mkdir(exist_ok=True)
+    out = results / f"throughput-{args.recipients}.json"
+    out.write_text(json.dumps([asdict(temporal), asdict(plain)], indent=2))
+    print(f"saved {out}")
+    if temporal.duplicates or plain.duplicates or temporal.sent != args.recipients:
+        raise SystemExit("exactly-once check failed")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
