@@ -1,0 +1,521 @@
+"""The Docker packaging, checked without Docker: docker-compose.yml against the official
+Compose Specification schema, every command against the code it runs, the worker's
+scalability and shutdown window, and the image's freedom from secrets.
+
+The schema is a vendored copy of ``schema/compose-spec.json`` from the
+compose-spec/compose-spec repository, so the test needs no network.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import tomllib
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from jsonschema import Draft7Validator
+
+from campaigns import search_attributes
+from campaigns.cli import _parser as cli_parser
+from campaigns.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
+ENV_EXAMPLE = ROOT / ".env.example"
+SCHEMA_FILE = Path(__file__).resolve().parent / "data" / "compose-spec.json"
+
+# `${VAR}`, `${VAR:-default}`, `${VAR:?message}`: Compose interpolation.
+INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?[-?][^}]*)?\}")
+REQUIRED_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*):?\?")
+
+
+# --- helpers ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    # safe_load resolves the `<<: *anchor` merge keys, as Compose does.
+    return yaml.safe_load(COMPOSE_FILE.read_text())
+
+
+@pytest.fixture(scope="module")
+def validator() -> Draft7Validator:
+    schema = json.loads(SCHEMA_FILE.read_text())
+    Draft7Validator.check_schema(schema)
+    return Draft7Validator(schema)
+
+
+def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The ``services`` mapping."""
+    return compose["services"]
+
+
+def project_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Services built from this repository's Dockerfile."""
+    found = {}
+    for name, service in services(compose).items():
+        build = service.get("build")
+        context = build.get("context", ".") if isinstance(build, dict) else build
+        if context in (".", "./"):
+            found[name] = service
+    return found
+
+
+def argv_of(command: str | list[str]) -> list[str]:
+    """A Compose or Dockerfile command as an argument vector."""
+    return shlex.split(command) if isinstance(command, str) else list(command)
+
+
+def dependencies(service: dict[str, Any]) -> dict[str, str]:
+    """``depends_on`` as {service: condition}, for both of its forms."""
+    depends_on = service.get("depends_on", {})
+    if isinstance(depends_on, list):
+        return dict.fromkeys(depends_on, "service_started")
+    return {name: spec.get("condition", "service_started") for name, spec in depends_on.items()}
+
+
+def environment(service: dict[str, Any]) -> dict[str, str]:
+    """``environment`` as a dict, for both of its forms."""
+    env = service.get("environment", {})
+    if isinstance(env, list):
+        return dict(item.split("=", 1) if "=" in item else (item, "") for item in env)
+    return {key: "" if value is None else str(value) for key, value in env.items()}
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
+    instructions: list[tuple[str, str]] = []
+    pending = ""
+    for raw in DOCKERFILE.read_text().splitlines():
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        line = pending + line
+        pending = ""
+        keyword, _, rest = line.partition(" ")
+        instructions.append((keyword.upper(), rest.strip()))
+    return instructions
+
+
+def dockerfile_command() -> list[str]:
+    """ENTRYPOINT + CMD of the final stage, as the container would run them."""
+    entrypoint: list[str] = []
+    cmd: list[str] = []
+    for keyword, rest in dockerfile_instructions():
+        if keyword == "FROM":
+            entrypoint, cmd = [], []
+        elif keyword in ("CMD", "ENTRYPOINT"):
+            # Exec form only: the shell form would make /bin/sh PID 1, and it does not
+            # forward SIGTERM, so the worker would never drain.
+            try:
+                value = json.loads(rest)
+            except json.JSONDecodeError:
+                value = None
+            assert isinstance(value, list), f"{keyword} must use the exec form: {rest}"
+            if keyword == "CMD":
+                cmd = value
+            else:
+                entrypoint = value
+    return entrypoint + cmd
+
+
+def check_runs_project_code(argv: list[str]) -> None:
+    """Fail unless ``argv`` starts a script, module or console script of this project."""
+    assert argv, "empty command"
+    if argv[0] in ("python", "python3") and len(argv) >= 2 and argv[1] == "-m":
+        module = argv[2]
+        path = ROOT.joinpath(*module.split("."))
+        assert (path / "__main__.py").is_file() or path.with_suffix(".py").is_file(), (
+            f"`python -m {module}`: no such module in the project"
+        )
+        if module == "simulator":
+            check_simulator_flags(argv[3:])
+    elif argv[0] in ("python", "python3"):
+        assert (ROOT / argv[1]).is_file(), f"`python {argv[1]}`: no such file in the project"
+    elif argv[0] == "campaigns":
+        scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+        assert "campaigns" in scripts, "`campaigns` is not a console script in pyproject.toml"
+        check_cli_accepts(argv[1:])
+    else:
+        pytest.fail(f"{argv[0]!r} is not a known entry point of this project")
+
+
+def check_cli_accepts(args: list[str]) -> None:
+    """The CLI's own parser accepts ``args`` (argparse exits on anything it does not)."""
+    try:
+        parsed = cli_parser().parse_args(args)
+    except SystemExit as exc:
+        pytest.fail(f"`campaigns {' '.join(args)}` is rejected by the CLI (exit {exc.code})")
+    assert parsed.handler is not None, f"`campaigns {' '.join(args)}` runs no command"
+
+
+def check_simulator_flags(args: list[str]) -> None:
+    """The simulator's parser accepts ``args``; serving is stubbed out."""
+    import aiohttp.web
+
+    import simulator.__main__ as simulator_main
+
+    served: dict[str, Any] = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(aiohttp.web, "run_app", lambda app, **kwargs: served.update(kwargs))
+        try:
+            simulator_main.main(args)
+        except SystemExit as exc:
+            pytest.fail(f"`python -m simulator {' '.join(args)}` is rejected (exit {exc.code})")
+    # In a container it must listen on every interface, or no other service reaches it.
+    assert served.get("host") == "0.0.0.0", served
+
+
+def fixed_host_port(entry: int | str | dict[str, Any]) -> bool:
+    """Whether a ``ports`` entry pins a host port (which only one container can hold)."""
+    if isinstance(entry, dict):
+        return bool(entry.get("published"))
+    if isinstance(entry, int):
+        return False
+    # [HOST_IP:][HOST_PORT:]CONTAINER_PORT[/PROTOCOL]; a bare container port is ephemeral.
+    parts = entry.split("/")[0].rsplit(":", 2)
+    return len(parts) >= 2 and parts[-2] != ""
+
+
+def duration_seconds(value: str) -> float:
+    """A Compose duration such as ``45s``, ``1m30s`` or ``500ms``, in seconds."""
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001, "us": 1e-6}
+    matches = re.findall(r"(\d+(?:\.\d+)?)(ms|us|h|m|s)", value)
+    assert matches and "".join(n + u for n, u in matches) == value, f"bad duration {value!r}"
+    return sum(float(number) * units[unit] for number, unit in matches)
+
+
+def settings_env_names() -> set[str]:
+    """Environment variable names that ``Settings`` reads."""
+    names = set()
+    for field_name, field in Settings.model_fields.items():
+        names.add(field_name.upper())
+        alias = field.validation_alias
+        for choice in getattr(alias, "choices", []):
+            if isinstance(choice, str):
+                names.add(choice.upper())
+    return names
+
+
+# --- the Compose file -------------------------------------------------------------------
+
+
+def test_compose_file_matches_the_compose_specification(
+    compose: dict[str, Any], validator: Draft7Validator
+) -> None:
+    errors = sorted(validator.iter_errors(compose), key=lambda e: list(e.absolute_path))
+    assert not errors, "\n".join(
+        f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors
+    )
+
+
+@pytest.mark.parametrize(
+    "breakage",
+    [
+        pytest.param(lambda doc: doc["services"]["worker"].update(replicaz=4), id="unknown-key"),
+        pytest.param(
+            lambda doc: doc["services"]["worker"]["depends_on"]["migrate"].update(
+                condition="service_finished"
+            ),
+            id="unknown-depends-on-condition",
+        ),
+        pytest.param(
+            lambda doc: doc["services"]["worker"].update(command={"python": "worker.py"}),
+            id="command-of-wrong-type",
+        ),
+        pytest.param(lambda doc: doc.update(servics={}), id="unknown-top-level-key"),
+    ],
+)
+def test_validator_rejects_a_broken_compose_document(
+    compose: dict[str, Any], validator: Draft7Validator, breakage: Any
+) -> None:
+    # Proves the validation above has teeth: the same document, broken once, fails.
+    broken = copy.deepcopy(compose)
+    breakage(broken)
+    assert not validator.is_valid(broken)
+
+
+def test_every_dependency_is_a_defined_service(compose: dict[str, Any]) -> None:
+    defined = set(services(compose))
+    for name, service in services(compose).items():
+        for target, condition in dependencies(service).items():
+            assert target in defined, f"{name} depends on undefined service {target!r}"
+            if condition == "service_healthy":
+                # Compose refuses to start a dependant of a service with no healthcheck.
+                assert "healthcheck" in services(compose)[target], (
+                    f"{name} waits for {target} to be healthy, but it has no healthcheck"
+                )
+
+
+def test_project_services_run_commands_that_exist(compose: dict[str, Any]) -> None:
+    built = project_services(compose)
+    assert {"migrate", "simulator", "worker"} <= set(built), sorted(built)
+    for service in built.values():
+        argv = argv_of(service["command"]) if "command" in service else dockerfile_command()
+        check_runs_project_code(argv)
+
+
+def test_expected_commands(compose: dict[str, Any]) -> None:
+    built = project_services(compose)
+    assert argv_of(built["worker"]["command"]) == ["python", "worker.py"]
+    assert argv_of(built["migrate"]["command"]) == ["campaigns", "db", "migrate"]
+    assert argv_of(built["simulator"]["command"])[:3] == ["python", "-m", "simulator"]
+    assert built["migrate"].get("restart") == "no"
+
+
+def test_worker_scales(compose: dict[str, Any]) -> None:
+    worker = services(compose)["worker"]
+    # A fixed container name or host port allows one container: --scale worker=4 would fail.
+    assert "container_name" not in worker
+    pinned = [port for port in worker.get("ports", []) if fixed_host_port(port)]
+    assert not pinned, f"worker publishes fixed host ports {pinned}"
+
+
+def test_worker_waits_for_what_it_needs(compose: dict[str, Any]) -> None:
+    assert dependencies(services(compose)["worker"]) == {
+        "migrate": "service_completed_successfully",
+        "temporal": "service_healthy",
+        "temporal-setup": "service_completed_successfully",
+        "simulator": "service_started",
+    }
+
+
+def test_worker_has_time_to_drain_on_stop(compose: dict[str, Any]) -> None:
+    # Docker sends SIGKILL after stop_grace_period; the worker needs its whole graceful
+    # shutdown window plus time to close its pool and connections.
+    grace = duration_seconds(services(compose)["worker"]["stop_grace_period"])
+    drain = Settings.model_fields["worker_graceful_shutdown_seconds"].default
+    assert grace >= drain + 10, f"stop_grace_period {grace}s leaves no margin over {drain}s"
+
+
+def test_worker_environment_is_what_the_settings_read(compose: dict[str, Any]) -> None:
+    env = environment(services(compose)["worker"])
+    required = {
+        "TEMPORAL_ADDRESS",
+        "TEMPORAL_NAMESPACE",
+        "DATABASE_URL",
+        "PROVIDER_BASE_URL",
+        "PROVIDER_API_KEY",
+        "LOG_FORMAT",
+    }
+    assert required <= set(env), f"missing: {sorted(required - set(env))}"
+    # A misspelt name would be silently ignored by the settings, not rejected.
+    unknown = set(env) - settings_env_names()
+    assert not unknown, f"variables no setting reads: {sorted(unknown)}"
+    assert env["TEMPORAL_ADDRESS"] == "temporal:7233"
+    assert env["PROVIDER_BASE_URL"] == "http://simulator:8025"
+    assert env["LOG_FORMAT"] in typing.get_args(Settings.model_fields["log_format"].annotation)
+    assert re.match(r"postgresql://[^@]+@app-db:5432/campaigns$", env["DATABASE_URL"])
+
+
+def test_secrets_come_from_the_environment(compose: dict[str, Any]) -> None:
+    for service, key in (("worker", "PROVIDER_API_KEY"), ("simulator", "SIMULATOR_API_KEYS")):
+        value = environment(services(compose)[service])[key]
+        assert INTERPOLATION.fullmatch(value), f"{service}.{key} is hard-coded: {value!r}"
+
+
+def test_temporal_setup_registers_every_search_attribute(compose: dict[str, Any]) -> None:
+    setup = services(compose)["temporal-setup"]
+    assert setup["image"].startswith("temporalio/admin-tools:")
+    assert dependencies(setup) == {"temporal": "service_healthy"}
+    script = "\n".join(argv_of(setup["entrypoint"]) + argv_of(setup["command"]))
+    assert "temporal operator search-attribute create" in script
+    assert "--address temporal:7233" in script
+    for key in search_attributes.ALL:
+        kind = key.indexed_value_type.name.removeprefix("INDEXED_VALUE_TYPE_").title()
+        assert re.search(rf"\bregister {key.name} {kind}\b", script), (
+            f"search attribute {key.name} ({kind}) is not registered"
+        )
+
+
+FAKE_TEMPORAL = r"""#!/bin/sh
+# Stands in for the Temporal CLI: `operator search-attribute list|create`, with its state
+# (namespace readiness, registered attributes) in files under $FAKE_STATE.
+command="$3"
+name=""
+kind=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --name) name="$2"; shift ;;
+    --type) kind="$2"; shift ;;
+  esac
+  shift
+done
+case "$command" in
+  list)
+    calls=$(($(cat "$FAKE_STATE/list_calls" 2>/dev/null || echo 0) + 1))
+    echo "$calls" > "$FAKE_STATE/list_calls"
+    if [ "$calls" -le "$FAKE_NOT_READY_CALLS" ]; then
+      echo "Namespace default not found" >&2
+      exit 1
+    fi
+    ;;
+  create)
+    if [ -n "${FAKE_ERROR:-}" ]; then echo "$FAKE_ERROR" >&2; exit 1; fi
+    if [ -e "$FAKE_STATE/sa-$name" ]; then
+      echo "Error: unable to add search attributes: Search attribute $name already exists." >&2
+      exit 1
+    fi
+    echo "$kind" > "$FAKE_STATE/sa-$name"
+    echo "Search attributes have been added"
+    ;;
+esac
+"""
+
+
+@dataclass
+class SetupRunner:
+    """Runs temporal-setup's script as its container would, against a fake Temporal CLI."""
+
+    argv: list[str]
+    bin_dir: Path
+    state: Path
+
+    def __call__(self, not_ready_calls: int = 0, error: str = "") -> subprocess.CompletedProcess:
+        """One run; the namespace answers after ``not_ready_calls`` failed checks."""
+        env = {
+            "PATH": f"{self.bin_dir}:/usr/bin:/bin",
+            "FAKE_STATE": str(self.state),
+            "FAKE_NOT_READY_CALLS": str(not_ready_calls),
+            "FAKE_ERROR": error,
+        }
+        (self.state / "list_calls").unlink(missing_ok=True)
+        return subprocess.run(self.argv, env=env, capture_output=True, text=True, timeout=60)
+
+    def registered(self) -> dict[str, str]:
+        """Search attributes the fake server holds, name to type."""
+        return {p.name.removeprefix("sa-"): p.read_text().strip() for p in self.state.glob("sa-*")}
+
+
+@pytest.fixture
+def run_setup(compose: dict[str, Any], tmp_path: Path) -> SetupRunner:
+    setup = services(compose)["temporal-setup"]
+    raw_script = argv_of(setup["command"])[0]
+    # Compose turns `$$` into `$`; a lone `$` would be interpolated by Compose instead.
+    assert "$" not in raw_script.replace("$$", ""), "unescaped $ in temporal-setup's script"
+    argv = [*argv_of(setup["entrypoint"]), raw_script.replace("$$", "$")]
+    if not Path(argv[0]).is_file() or not shutil.which("grep"):
+        pytest.skip(f"{argv[0]} or grep is not available here")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    # `sleep` is faked too, so waiting for the namespace costs no time.
+    for name, body in (("temporal", FAKE_TEMPORAL), ("sleep", "#!/bin/sh\nexit 0\n")):
+        (bin_dir / name).write_text(body)
+        (bin_dir / name).chmod(0o755)
+    state = tmp_path / "state"
+    state.mkdir()
+    return SetupRunner(argv, bin_dir, state)
+
+
+def test_temporal_setup_registers_once_and_is_idempotent(run_setup: SetupRunner) -> None:
+    first = run_setup(not_ready_calls=3)  # waits for the namespace, then registers
+    assert first.returncode == 0, first.stderr
+    assert run_setup.registered() == {
+        key.name: key.indexed_value_type.name.removeprefix("INDEXED_VALUE_TYPE_").title()
+        for key in search_attributes.ALL
+    }
+    again = run_setup()  # a second `docker compose up`: everything already exists
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("already registered") == len(search_attributes.ALL)
+
+
+def test_temporal_setup_fails_on_other_errors(run_setup: SetupRunner) -> None:
+    # Only "already exists" is forgiven; anything else must stop the workers from starting.
+    failed = run_setup(error="Error: unable to add search attributes: connection refused")
+    assert failed.returncode != 0
+    assert "connection refused" in failed.stderr
+
+
+def test_temporal_setup_gives_up_when_the_namespace_never_appears(run_setup: SetupRunner) -> None:
+    failed = run_setup(not_ready_calls=10_000)
+    assert failed.returncode != 0
+    assert "namespace default not ready" in failed.stderr
+
+
+def test_images_are_pinned(compose: dict[str, Any]) -> None:
+    for name, service in services(compose).items():
+        image = service.get("image")
+        if image is None:
+            continue
+        tag = image.rpartition(":")[2] if ":" in image else ""
+        assert tag and tag != "latest", f"{name}: image {image!r} is not pinned to a tag"
+
+
+def test_env_example_defines_every_required_variable(compose: dict[str, Any]) -> None:
+    example = dict(
+        line.split("=", 1)
+        for line in ENV_EXAMPLE.read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    )
+    required = set(REQUIRED_VARIABLE.findall(COMPOSE_FILE.read_text()))
+    assert {"PROVIDER_API_KEY", "SIMULATOR_API_KEYS"} <= required
+    assert required <= set(example), f"not in .env.example: {sorted(required - set(example))}"
+    # The example works as is: the simulator accepts the key the workers send.
+    accepted = [key.strip() for key in example["SIMULATOR_API_KEYS"].split(",")]
+    assert example["PROVIDER_API_KEY"] in accepted
+
+
+# --- the image --------------------------------------------------------------------------
+
+
+def test_dockerfile_command_runs_project_code() -> None:
+    assert dockerfile_command() == ["python", "worker.py"]
+    check_runs_project_code(dockerfile_command())
+
+
+def test_dockerfile_base_and_user() -> None:
+    instructions = dockerfile_instructions()
+    bases = [rest for keyword, rest in instructions if keyword == "FROM"]
+    assert bases and bases[-1].split()[0].startswith("python:3.11-slim")
+    users = [rest for keyword, rest in instructions if keyword == "USER"]
+    assert users and users[-1] not in ("root", "0"), "the image must not run as root"
+    assert any(k == "RUN" and "pip install ." in rest for k, rest in instructions)
+
+
+def test_dockerfile_copies_existing_paths() -> None:
+    for keyword, rest in dockerfile_instructions():
+        if keyword != "COPY" or "--from" in rest:
+            continue
+        *sources, _destination = rest.split()
+        for source in sources:
+            assert (ROOT / source).exists(), f"COPY {source}: no such path"
+
+
+def test_image_holds_no_secrets() -> None:
+    instructions = dockerfile_instructions()
+    for keyword, rest in instructions:
+        if keyword in ("ENV", "ARG"):
+            # `ENV A=1 B=2`, or the legacy `ENV A 1`.
+            names = re.findall(r"([A-Za-z_][A-Za-z0-9_]*)=", rest) or rest.split()[:1]
+            for name in names:
+                assert not re.search(r"KEY|PASSWORD|PWD|SECRET|TOKEN", name.upper()), (
+                    f"{keyword} {name}: secrets belong in the run-time environment"
+                )
+    body = "\n".join(rest for _, rest in instructions)
+    for name in ("PROVIDER_API_KEY", "SIMULATOR_API_KEYS"):
+        assert name not in body, f"the Dockerfile sets {name}"
+    example_values = [
+        line.split("=", 1)[1].strip()
+        for line in ENV_EXAMPLE.read_text().splitlines()
+        if "=" in line and not line.lstrip().startswith("#")
+    ]
+    text = DOCKERFILE.read_text()
+    for value in filter(None, example_values):
+        assert value not in text, f"the Dockerfile contains the secret value {value!r}"
+    # .env would otherwise be sent in the build context and could be copied in.
+    ignored = DOCKERIGNORE.read_text().splitlines()
+    assert ".env" in ignored
