@@ -45,6 +45,7 @@ PROVIDER_AUTH_ERROR = "ProviderAuthError"
 PROVIDER_CONFIG_ERROR = "ProviderConfigError"
 PROVIDER_THROTTLED = "ProviderThrottled"
 REQUESTS_IN_FLIGHT_PER_BATCH = 10
+_RETRIED = (DeliveryStatus.FAILED, DeliveryStatus.ABANDONED)
 
 _COLUMNS = """
     r.id, r.email, r.name, r.merge_fields,
@@ -203,13 +204,23 @@ class SendingActivities:
         """
         label = f"r{batch.round}:{batch.range.after_id + 1}-{batch.range.last_id}"
         with structlog.contextvars.bound_contextvars(campaign_id=batch.campaign_id, batch=label):
-            heartbeat = asyncio.create_task(_heartbeat_until_done())
+            # Requests an earlier attempt saw accepted (from its heartbeats) are not
+            # sent again: a batch cut short by a dead worker resumes where it was.
+            details = activity.info().heartbeat_details
+            accepted: dict[str, list[str]] = dict(details[0]) if details else {}
+            if accepted:
+                log.info("resuming batch", accepted_requests=len(accepted))
+            heartbeat = asyncio.create_task(_heartbeat_until_done(accepted))
             try:
-                return await self._send_batch(batch)
+                return await self._send_batch(batch, accepted)
             finally:
                 heartbeat.cancel()
 
-    async def _send_batch(self, batch: SendBatchInput) -> BatchOutcome:
+    async def _send_batch(
+        self, batch: SendBatchInput, accepted: dict[str, list[str]] | None = None
+    ) -> BatchOutcome:
+        """Send one batch; ``accepted`` maps request keys already accepted to message ids."""
+        accepted = {} if accepted is None else accepted
         started = time.perf_counter()
         campaign = await self._campaign(batch.campaign_id, batch.execution_id)
         sql = _READ_AUDIENCE_RANGE if batch.source == "audience" else _READ_LEDGER_RANGE
@@ -239,7 +250,7 @@ class SendingActivities:
                 outcomes.add(row["id"], DeliveryStatus.SUPPRESSED)
             elif not is_valid_address(row["email"]):
                 outcomes.add(row["id"], DeliveryStatus.REJECTED, error="invalid email address")
-            elif status == DeliveryStatus.FAILED and row["request_key"]:
+            elif status in _RETRIED and row["request_key"]:
                 groups.setdefault(row["request_key"], []).append(row)  # re-send as it was
             else:
                 fresh.append(row)
@@ -258,7 +269,7 @@ class SendingActivities:
                 if fatal is not None or throttled_for is not None:
                     return  # leave unrecorded: the retry of this batch sends them
                 try:
-                    await self._send_group(batch.campaign_id, campaign, group, outcomes)
+                    await self._send_group(batch.campaign_id, campaign, group, outcomes, accepted)
                 except _Throttled as exc:
                     throttled_for = max(throttled_for or 0.0, exc.retry_after)
                 except ProviderAuthError as exc:
@@ -320,22 +331,25 @@ class SendingActivities:
         campaign: _Campaign,
         group: list[asyncpg.Record],
         outcomes: _Outcomes,
+        accepted: dict[str, list[str]],
     ) -> None:
         """Send one provider request; on a 422, split it to isolate the refused recipients."""
         ids = [row["id"] for row in group]
         key = request_key(campaign_id, ids)
-        reply: ProviderReply = await self._provider.send_batch(
-            [campaign.render(row) for row in group], key
-        )
+        if key in accepted:
+            reply = ProviderReply(ReplyKind.ACCEPTED, message_ids=accepted[key])
+        else:
+            reply = await self._provider.send_batch([campaign.render(row) for row in group], key)
         if reply.kind is ReplyKind.ACCEPTED:
+            accepted[key] = reply.message_ids
             for recipient_id, message_id in zip(ids, reply.message_ids, strict=True):
                 outcomes.add(recipient_id, DeliveryStatus.SENT, message_id=message_id, key=key)
         elif reply.kind is ReplyKind.THROTTLED:
             raise _Throttled(reply.retry_after or 1.0)
         elif reply.kind is ReplyKind.REJECTED and len(group) > 1:
             middle = len(group) // 2
-            await self._send_group(campaign_id, campaign, group[:middle], outcomes)
-            await self._send_group(campaign_id, campaign, group[middle:], outcomes)
+            await self._send_group(campaign_id, campaign, group[:middle], outcomes, accepted)
+            await self._send_group(campaign_id, campaign, group[middle:], outcomes, accepted)
         else:
             status = (
                 DeliveryStatus.REJECTED
@@ -351,10 +365,13 @@ class _Throttled(Exception):
         self.retry_after = retry_after
 
 
-async def _heartbeat_until_done() -> None:
-    """Heartbeat often enough that a dead worker's batch is retried within seconds."""
+async def _heartbeat_until_done(accepted: dict[str, list[str]]) -> None:
+    """Heartbeat often enough that a dead worker's batch is retried within seconds.
+
+    The details are the requests accepted so far, for a retry to resume from.
+    """
     timeout = activity.info().heartbeat_timeout
     interval = timeout.total_seconds() / 3 if timeout else 5.0
     while True:
-        activity.heartbeat()
+        activity.heartbeat(dict(accepted))
         await asyncio.sleep(interval)

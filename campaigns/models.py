@@ -12,7 +12,14 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from campaigns.addresses import parse_sender
 from campaigns.templates import fields_used
@@ -67,6 +74,28 @@ class CampaignSpec(_Model):
         default_factory=lambda: list(DEFAULT_RETRY_DELAYS),
         max_length=10,
         description="Wait before each retry round of soft-failed recipients.",
+    )
+    rate_per_second: float | None = Field(
+        default=None, gt=0, description="Emails per second at most; unlimited when absent."
+    )
+    send_at: AwareDatetime | None = Field(
+        default=None, description="Scheduled start (ISO 8601 with a timezone)."
+    )
+    max_lateness_seconds: int = Field(
+        default=3600,
+        ge=0,
+        description="If sending cannot start within this long after send_at, do not send.",
+    )
+    send_to: Literal["audience", "failed"] = Field(
+        default="audience",
+        description="'failed' re-sends only the failed and abandoned recipients of an earlier "
+        "run of this campaign_id.",
+    )
+    batches_per_run: int = Field(
+        default=1000,
+        ge=1,
+        le=5000,
+        description="Continue-as-new after this many batches, keeping every run's history small.",
     )
 
     @field_validator("from_address", "reply_to")
@@ -188,12 +217,30 @@ class CampaignCounts(BaseModel):
 class CampaignState(StrEnum):
     """Lifecycle of a campaign, also published as the ``CampaignState`` search attribute."""
 
+    SCHEDULED = "Scheduled"  # waiting for send_at
     PREPARING = "Preparing"
     RUNNING = "Running"
-    WAITING_RETRY = "WaitingRetry"
+    PAUSED = "Paused"
+    WAITING_RETRY = "WaitingRetry"  # a retry round's timer is running
     COMPLETED = "Completed"
     CANCELLED = "Cancelled"
+    EXPIRED = "Expired"  # could not start within max_lateness_seconds of send_at
     FAILED = "Failed"
+
+
+FINAL_STATES = frozenset(
+    {CampaignState.COMPLETED, CampaignState.CANCELLED, CampaignState.EXPIRED, CampaignState.FAILED}
+)
+
+
+class CampaignControls(BaseModel):
+    """What operators can change while a campaign runs."""
+
+    paused: bool = False
+    cancel_requested: bool = False
+    window: int
+    rate_per_second: float | None = None
+    send_at: datetime | None = None
 
 
 class CampaignStatus(BaseModel):
@@ -208,6 +255,8 @@ class CampaignStatus(BaseModel):
     round: int = 0
     rate_per_second: float = 0.0
     eta_seconds: float | None = None
+    controls: CampaignControls | None = None
+    runs: int = Field(default=1, description="Workflow runs so far (continue-as-new).")
     started_at: datetime | None = None
     finished_at: datetime | None = None
     last_error: str | None = None
@@ -215,11 +264,7 @@ class CampaignStatus(BaseModel):
     @property
     def done(self) -> bool:
         """True once the campaign can change no more."""
-        return self.state in (
-            CampaignState.COMPLETED,
-            CampaignState.CANCELLED,
-            CampaignState.FAILED,
-        )
+        return self.state in FINAL_STATES
 
     @property
     def not_attempted(self) -> int:
@@ -230,3 +275,32 @@ class CampaignStatus(BaseModel):
     def progress(self) -> float:
         """Fraction of recipients with a final outcome, 0..1."""
         return min(1.0, self.counts.processed / self.total) if self.total else 1.0
+
+
+class CarriedState(BaseModel):
+    """Everything a campaign run hands to the next one when it continues as new."""
+
+    execution_id: str
+    plan: CampaignPlan
+    round: int
+    cursor: int = Field(description="Last recipient id of the last batch started in this pass.")
+    status: CampaignStatus
+
+
+class CampaignInput(CampaignSpec):
+    """The workflow's one input: a campaign spec, as users write it.
+
+    ``carried`` is set only by the workflow itself when it continues as new; a spec
+    from our CLI, ``temporal workflow start`` or the Python client leaves it out.
+    """
+
+    carried: CarriedState | None = None
+
+    def spec(self) -> CampaignSpec:
+        """The spec without the carried state."""
+        return CampaignSpec.model_validate(self.model_dump(exclude={"carried"}))
+
+    @classmethod
+    def continuing(cls, spec: CampaignSpec, carried: CarriedState) -> CampaignInput:
+        """The input of the next run of a campaign."""
+        return cls.model_validate({**spec.model_dump(), "carried": carried})

@@ -117,7 +117,23 @@ async def check_against_database(
         )
     if problems:
         raise InvalidSpec(problems)
-    total = await conn.fetchval(
-        "SELECT count(*) FROM recipients WHERE audience_id = $1", audience["id"]
-    )
+    if spec.send_to == "failed":
+        total = await conn.fetchval(
+            """SELECT count(*) FROM deliveries
+               WHERE campaign_id = $1 AND status IN ('failed', 'abandoned')""",
+            spec.campaign_id,
+        )
+        if not total:
+            raise InvalidSpec(
+                [
+                    SpecProblem(
+                        "send_to",
+                        f"campaign '{spec.campaign_id}' has no failed or abandoned recipients",
+                    )
+                ]
+            )
+    else:
+        total = await conn.fetchval(
+            "SELECT count(*) FROM recipients WHERE audience_id = $1", audience["id"]
+        )
     return CampaignPlan(audience_id=audience["id"], total_recipients=total)

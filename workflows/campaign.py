@@ -1,17 +1,23 @@
 """CampaignWorkflow: one campaign, from spec to summary.
 
-The workflow holds only cursors and counters. It pages the audience by keyset
-(``plan_batches``), keeps at most ``window`` batch activities in flight, and folds
-their outcomes into the status that the ``status`` query, the search attributes and
-the Web UI show. Recipients that fail softly are retried in rounds after durable
-timers; what still fails after the last round is abandoned.
+The workflow holds only cursors, counters and controls. It pages its recipients by
+keyset (``plan_batches``), keeps at most ``window`` batch activities in flight (at
+most ``rate_per_second`` emails a second), and folds their outcomes into the status
+that the ``status`` query, the search attributes and the Web UI show. Recipients
+that fail softly are retried in rounds after durable timers; what still fails after
+the last round is abandoned. A run continues as new after ``batches_per_run``
+batches (or when Temporal suggests it), so history stays small at any audience size.
+
+Operators steer a running campaign with updates (pause, resume, cancel, window, rate,
+reschedule); each has a validator, so a refused action is refused at once with the
+reason, and nothing is written to history.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
@@ -26,12 +32,16 @@ with workflow.unsafe.imports_passed_through():
     )
     from campaigns import search_attributes as sa
     from campaigns.models import (
+        MAX_WINDOW,
         BatchOutcome,
         BatchRange,
+        CampaignControls,
+        CampaignInput,
         CampaignPlan,
         CampaignSpec,
         CampaignState,
         CampaignStatus,
+        CarriedState,
         PlanBatchesInput,
         SendBatchInput,
     )
@@ -46,7 +56,8 @@ DATABASE_STEP = dict(
         non_retryable_error_types=NON_RETRYABLE,
     ),
 )
-# Infrastructure faults (database, worker crash, network) retry until they clear.
+# Infrastructure faults (database, worker crash, network) retry until they clear; a
+# dead worker's batch is noticed within the heartbeat timeout and resumed elsewhere.
 BATCH_STEP = dict(
     start_to_close_timeout=timedelta(minutes=10),
     heartbeat_timeout=timedelta(seconds=10),
@@ -57,6 +68,8 @@ BATCH_STEP = dict(
         non_retryable_error_types=NON_RETRYABLE,
     ),
 )
+HISTORY_EVENTS_PER_RUN = 8_000
+"""Continue as new before this many events, whatever ``batches_per_run`` says."""
 RATE_WINDOW_SECONDS = 30.0
 
 
@@ -64,54 +77,70 @@ class CampaignFailed(Exception):
     """Raised inside the workflow to stop sending; becomes the workflow's failure."""
 
 
+def _refuse(message: str) -> ApplicationError:
+    return ApplicationError(message, type="ControlRefused", non_retryable=True)
+
+
 @workflow.defn
 class CampaignWorkflow:
     """Sends one campaign; input ``CampaignSpec``, result the final ``CampaignStatus``."""
 
     def __init__(self) -> None:
-        """Start with an empty status; ``run`` fills it in."""
+        """Start empty; ``run`` fills the status in."""
         self._status: CampaignStatus | None = None
+        self._in_flight: set[asyncio.Task[BatchOutcome]] = set()
         self._samples: deque[tuple[float, int]] = deque()
         self._published_progress = -1
-        self._in_flight: set[asyncio.Task[BatchOutcome]] = set()
+        self._wake = 0  # bumped by every control change so that waits look again
+
+    # -- the run ------------------------------------------------------------------------
 
     @workflow.run
-    async def run(self, spec: CampaignSpec) -> CampaignStatus:
-        """Prepare, send in passes (first pass, then retry rounds), and summarize."""
-        status = self._status = CampaignStatus(
-            campaign_id=spec.campaign_id,
-            org=spec.org,
-            state=CampaignState.PREPARING,
-            started_at=workflow.now(),
-        )
-        workflow.upsert_search_attributes(
-            [sa.CAMPAIGN_ORG.value_set(spec.org), sa.CAMPAIGN_PROGRESS.value_set(0.0)]
-        )
-        self._set_state(CampaignState.PREPARING)
-        try:
-            plan: CampaignPlan = await workflow.execute_activity_method(
-                PlanningActivities.prepare_campaign, spec, **DATABASE_STEP
+    async def run(self, request: CampaignInput) -> CampaignStatus:
+        """Wait for ``send_at``, prepare, send in passes, summarize.
+
+        ``request`` is a ``CampaignSpec``; after continue-as-new it also carries the
+        previous run's cursor, counters and controls.
+        """
+        spec, carried = request.spec(), request.carried
+        if carried is None:
+            status = CampaignStatus(
+                campaign_id=spec.campaign_id,
+                org=spec.org,
+                state=CampaignState.SCHEDULED if spec.send_at else CampaignState.PREPARING,
+                started_at=workflow.now(),
+                controls=CampaignControls(
+                    window=spec.window,
+                    rate_per_second=spec.rate_per_second,
+                    send_at=spec.send_at,
+                ),
             )
-            status.total = plan.total_recipients
-            execution_id = workflow.info().run_id
-            for round_ in range(len(spec.retry_delays_seconds) + 1):
-                if round_ > 0:
-                    if status.counts.failed == 0:
-                        break
-                    self._set_state(CampaignState.WAITING_RETRY)
-                    await workflow.sleep(spec.retry_delays_seconds[round_ - 1])
-                    status.counts.failed = 0  # this round decides them again
-                status.round = round_
-                self._set_state(CampaignState.RUNNING)
-                await self._send_pass(spec, plan, execution_id, round_)
-            if status.counts.failed:
-                status.counts.abandoned += await workflow.execute_activity_method(
-                    PlanningActivities.abandon_failed, spec.campaign_id, **DATABASE_STEP
+        else:
+            status = carried.status
+            status.runs += 1
+        self._status = status
+        workflow.upsert_search_attributes([sa.CAMPAIGN_ORG.value_set(spec.org)])
+        self._set_state(status.state)
+        try:
+            if carried is None:
+                if not await self._wait_for_send_at(spec):
+                    return status
+                self._set_state(CampaignState.PREPARING)
+                plan: CampaignPlan = await workflow.execute_activity_method(
+                    PlanningActivities.prepare_campaign, spec, **DATABASE_STEP
                 )
-                status.counts.failed = 0
+                status.total = plan.total_recipients
+                carried = CarriedState(
+                    execution_id=workflow.info().run_id,
+                    plan=plan,
+                    round=0,
+                    cursor=0,
+                    status=status,
+                )
+            return await self._send_all_rounds(spec, carried)
         except asyncio.CancelledError:
-            # Cancelled from Temporal (CLI, Web UI): let in-flight batches record what
-            # they sent, then end as cancelled.
+            # Cancelled through Temporal (CLI, Web UI): let in-flight batches record
+            # what they sent, then end as cancelled.
             await self._drain()
             self._finish(CampaignState.CANCELLED)
             raise
@@ -119,68 +148,173 @@ class CampaignWorkflow:
             return self._finish(CampaignState.FAILED, str(failure))
         except ActivityError as error:
             return self._finish(CampaignState.FAILED, _describe(error))
+
+    async def _wait_for_send_at(self, spec: CampaignSpec) -> bool:
+        """Sleep until the (reschedulable) send time; False if the campaign must not send."""
+        controls = self._controls
+        while controls.send_at is not None and not controls.cancel_requested:
+            delay = (controls.send_at - workflow.now()).total_seconds()
+            if delay <= 0:
+                break
+            seen = self._wake
+            try:
+                await workflow.wait_condition(
+                    lambda seen=seen: self._wake != seen, timeout=delay, timeout_summary="send_at"
+                )
+            except TimeoutError:
+                break
+        if controls.cancel_requested:
+            self._finish(CampaignState.CANCELLED)
+            return False
+        if controls.send_at is not None:
+            late = (workflow.now() - controls.send_at).total_seconds()
+            if late > spec.max_lateness_seconds:
+                self._finish(
+                    CampaignState.EXPIRED,
+                    f"not sent: ready {late:,.0f}s after send_at, more than "
+                    f"max_lateness_seconds ({spec.max_lateness_seconds:,})",
+                )
+                return False
+        return True
+
+    async def _send_all_rounds(self, spec: CampaignSpec, carried: CarriedState) -> CampaignStatus:
+        status = self._status
+        assert status is not None
+        while True:
+            status.round = carried.round
+            if not await self._send_pass(spec, carried):
+                return self._finish(CampaignState.CANCELLED)
+            next_round = carried.round + 1
+            if status.counts.failed == 0 or next_round > len(spec.retry_delays_seconds):
+                break
+            self._set_state(CampaignState.WAITING_RETRY)
+            delay = spec.retry_delays_seconds[next_round - 1]
+            try:
+                await workflow.wait_condition(
+                    lambda: self._controls.cancel_requested,
+                    timeout=delay,
+                    timeout_summary=f"retry round {next_round}",
+                )
+                return self._finish(CampaignState.CANCELLED)
+            except TimeoutError:
+                pass
+            status.counts.failed = 0  # this round decides them again
+            carried.round, carried.cursor = next_round, 0
+        if status.counts.failed:
+            status.counts.abandoned += await workflow.execute_activity_method(
+                PlanningActivities.abandon_failed, spec.campaign_id, **DATABASE_STEP
+            )
+            status.counts.failed = 0
         return self._finish(CampaignState.COMPLETED)
 
-    @workflow.query
-    def status(self) -> CampaignStatus:
-        """Progress, rate, ETA and errors, as of the workflow's last step."""
-        assert self._status is not None
-        return self._status
+    async def _send_pass(self, spec: CampaignSpec, carried: CarriedState) -> bool:
+        """Send every batch of one pass; False if the campaign was cancelled.
 
-    async def _send_pass(
-        self, spec: CampaignSpec, plan: CampaignPlan, execution_id: str, round_: int
-    ) -> None:
-        """Send every batch of one pass with at most ``spec.window`` in flight."""
-        source = "audience" if round_ == 0 else "ledger"
+        Continues as new (after draining) when this run's batch or history budget is
+        spent.
+        """
+        status, controls = self._status, self._controls
+        assert status is not None
+        self._set_state(CampaignState.PAUSED if controls.paused else CampaignState.RUNNING)
+        source = "ledger" if carried.round > 0 or spec.send_to == "failed" else "audience"
         ranges: deque[BatchRange] = deque()
-        cursor, exhausted = 0, False
+        plan_cursor, exhausted = carried.cursor, False
+        started_here, next_start = 0, workflow.time()
         failure: str | None = None
         while True:
-            while failure is None and len(self._in_flight) < spec.window:
+            out_of_budget = self._out_of_budget(spec, started_here)
+            wake_in: float | None = None
+            while (
+                failure is None
+                and not controls.cancel_requested
+                and not controls.paused
+                and not out_of_budget
+                and len(self._in_flight) < controls.window
+            ):
                 if not ranges and not exhausted:
                     page: list[BatchRange] = await workflow.execute_activity_method(
                         PlanningActivities.plan_batches,
                         PlanBatchesInput(
                             campaign_id=spec.campaign_id,
-                            audience_id=plan.audience_id,
+                            audience_id=carried.plan.audience_id,
                             source=source,
-                            after_id=cursor,
+                            after_id=plan_cursor,
                             batch_size=spec.recipients_per_activity,
-                            max_batches=max(2 * spec.window, 4),
+                            max_batches=max(2 * controls.window, 4),
                         ),
                         **DATABASE_STEP,
                     )
                     ranges.extend(page)
                     exhausted = not page
-                    cursor = page[-1].last_id if page else cursor
+                    plan_cursor = page[-1].last_id if page else plan_cursor
+                    continue  # controls may have changed while planning
                 if not ranges:
                     break
-                batch = SendBatchInput(
-                    campaign_id=spec.campaign_id,
-                    execution_id=execution_id,
-                    audience_id=plan.audience_id,
-                    source=source,
-                    round=round_,
-                    range=ranges.popleft(),
-                    batch_size=spec.batch_size,
-                )
-                self._in_flight.add(
-                    asyncio.ensure_future(
-                        workflow.execute_activity_method(
-                            SendingActivities.send_batch, batch, **BATCH_STEP
-                        )
-                    )
-                )
-                self._status_in_flight()
+                if controls.rate_per_second:
+                    now = workflow.time()
+                    if next_start > now:
+                        wake_in = next_start - now
+                        break
+                    next_start = max(next_start, now) + ranges[0].size / controls.rate_per_second
+                batch_range = ranges.popleft()
+                self._start_batch(spec, carried, source, batch_range)
+                carried.cursor = batch_range.last_id
+                started_here += 1
+                out_of_budget = self._out_of_budget(spec, started_here)
             if not self._in_flight:
-                break
-            done, pending = await workflow.wait(
-                self._in_flight, return_when=asyncio.FIRST_COMPLETED
-            )
-            self._in_flight = set(pending)
+                if failure is not None:
+                    raise CampaignFailed(failure)
+                if controls.cancel_requested:
+                    return False
+                if exhausted and not ranges:
+                    return True
+                if out_of_budget:
+                    await workflow.wait_condition(workflow.all_handlers_finished)
+                    workflow.continue_as_new(CampaignInput.continuing(spec, carried))
+            seen = self._wake
+            try:
+                await workflow.wait_condition(
+                    lambda seen=seen: self._wake != seen or any(t.done() for t in self._in_flight),
+                    timeout=wake_in,
+                )
+            except TimeoutError:
+                pass  # the rate limit allows the next batch now
+            done = [task for task in self._in_flight if task.done()]
+            self._in_flight.difference_update(done)
             failure = self._collect(done) or failure
-        if failure is not None:
-            raise CampaignFailed(failure)
+
+    def _out_of_budget(self, spec: CampaignSpec, started_here: int) -> bool:
+        info = workflow.info()
+        return (
+            started_here >= spec.batches_per_run
+            or info.get_current_history_length() >= HISTORY_EVENTS_PER_RUN
+            or info.is_continue_as_new_suggested()
+        )
+
+    def _start_batch(
+        self, spec: CampaignSpec, carried: CarriedState, source: str, batch_range: BatchRange
+    ) -> None:
+        batch = SendBatchInput(
+            campaign_id=spec.campaign_id,
+            execution_id=carried.execution_id,
+            audience_id=carried.plan.audience_id,
+            source=source,  # type: ignore[arg-type]
+            round=carried.round,
+            range=batch_range,
+            batch_size=spec.batch_size,
+        )
+        self._in_flight.add(
+            asyncio.ensure_future(
+                workflow.execute_activity_method(
+                    SendingActivities.send_batch,
+                    batch,
+                    summary=f"round {carried.round}: recipients "
+                    f"{batch_range.after_id + 1}..{batch_range.last_id}",
+                    **BATCH_STEP,
+                )
+            )
+        )
+        self._update_in_flight()
 
     def _collect(self, done: list[asyncio.Task[BatchOutcome]]) -> str | None:
         """Fold finished batches into the status; return the first failure, if any."""
@@ -190,8 +324,9 @@ class CampaignWorkflow:
                 self._record(task.result())
             except ActivityError as error:
                 failure = failure or _describe(error)
-                self._status_error(failure)
-        self._status_in_flight()
+                assert self._status is not None
+                self._status.last_error = failure
+        self._update_in_flight()
         return failure
 
     async def _drain(self) -> None:
@@ -200,6 +335,19 @@ class CampaignWorkflow:
             done, _ = await workflow.wait(self._in_flight)
             self._in_flight = set()
             self._collect(done)
+
+    # -- status -------------------------------------------------------------------------
+
+    @workflow.query
+    def status(self) -> CampaignStatus:
+        """Progress, rate, ETA, controls and errors, as of the workflow's last step."""
+        assert self._status is not None
+        return self._status
+
+    @property
+    def _controls(self) -> CampaignControls:
+        assert self._status is not None and self._status.controls is not None
+        return self._status.controls
 
     def _record(self, outcome: BatchOutcome) -> None:
         status = self._status
@@ -218,13 +366,9 @@ class CampaignWorkflow:
         status.eta_seconds = remaining / status.rate_per_second if status.rate_per_second else None
         self._publish_progress()
 
-    def _status_in_flight(self) -> None:
+    def _update_in_flight(self) -> None:
         assert self._status is not None
         self._status.in_flight_batches = len(self._in_flight)
-
-    def _status_error(self, message: str) -> None:
-        assert self._status is not None
-        self._status.last_error = message
 
     def _set_state(self, state: CampaignState) -> None:
         assert self._status is not None
@@ -240,16 +384,21 @@ class CampaignWorkflow:
         if force or percent != self._published_progress:
             self._published_progress = percent
             workflow.upsert_search_attributes([sa.CAMPAIGN_PROGRESS.value_set(float(percent))])
-        counts = status.counts
-        workflow.set_current_details(
-            f"**{status.state.value}** · {percent}% of {status.total:,} · round {status.round}\n\n"
+        counts, controls = status.counts, status.controls
+        lines = [
+            f"**{status.state.value}** · {percent}% of {status.total:,} · round {status.round}",
             f"sent {counts.sent:,} · failed {counts.failed:,} · rejected {counts.rejected:,} · "
             f"suppressed {counts.suppressed:,} · skipped {counts.skipped:,} · "
-            f"abandoned {counts.abandoned:,}\n\n"
+            f"abandoned {counts.abandoned:,}",
             f"{status.rate_per_second:,.0f} emails/s"
-            + (f" · ETA {status.eta_seconds:,.0f}s" if status.eta_seconds else "")
-            + (f"\n\nlast error: {status.last_error}" if status.last_error else "")
-        )
+            + (f" · ETA {status.eta_seconds:,.0f}s" if status.eta_seconds else ""),
+        ]
+        if controls is not None:
+            limit = f"{controls.rate_per_second:,.0f}/s" if controls.rate_per_second else "none"
+            lines.append(f"window {controls.window} · rate limit {limit}")
+        if status.last_error:
+            lines.append(f"last error: {status.last_error}")
+        workflow.set_current_details("\n\n".join(lines))
 
     def _finish(self, state: CampaignState, error: str | None = None) -> CampaignStatus:
         status = self._status
@@ -265,6 +414,107 @@ class CampaignWorkflow:
                 f"campaign {status.campaign_id} failed: {error}", non_retryable=True
             )
         return status
+
+    # -- controls -----------------------------------------------------------------------
+
+    def _refuse_if_finished(self, action: str) -> None:
+        status = self._status
+        if status is None:
+            raise _refuse(f"cannot {action}: the campaign has not started yet")
+        if status.done:
+            raise _refuse(
+                f"cannot {action}: campaign {status.campaign_id} is {status.state.value.lower()}"
+            )
+        if self._controls.cancel_requested:
+            raise _refuse(f"cannot {action}: campaign {status.campaign_id} is being cancelled")
+
+    def _changed(self) -> CampaignStatus:
+        self._wake += 1
+        assert self._status is not None
+        self._publish_progress()
+        return self._status
+
+    @workflow.update
+    def pause(self) -> CampaignStatus:
+        """Stop starting batches; those in flight finish and are recorded."""
+        self._controls.paused = True
+        assert self._status is not None
+        if self._status.state is CampaignState.RUNNING:
+            self._set_state(CampaignState.PAUSED)
+        return self._changed()
+
+    @pause.validator
+    def _validate_pause(self) -> None:
+        self._refuse_if_finished("pause")
+        if self._controls.paused:
+            raise _refuse("cannot pause: the campaign is already paused")
+
+    @workflow.update
+    def resume(self) -> CampaignStatus:
+        """Start batches again after a pause."""
+        self._controls.paused = False
+        assert self._status is not None
+        if self._status.state is CampaignState.PAUSED:
+            self._set_state(CampaignState.RUNNING)
+        return self._changed()
+
+    @resume.validator
+    def _validate_resume(self) -> None:
+        self._refuse_if_finished("resume")
+        if not self._controls.paused:
+            raise _refuse("cannot resume: the campaign is not paused")
+
+    @workflow.update
+    def cancel(self) -> CampaignStatus:
+        """Stop gracefully: in-flight batches finish, none start; the summary shows the rest."""
+        self._controls.cancel_requested = True
+        return self._changed()
+
+    @cancel.validator
+    def _validate_cancel(self) -> None:
+        self._refuse_if_finished("cancel")
+
+    @workflow.update
+    def set_window(self, window: int) -> CampaignStatus:
+        """Change how many batches may be in flight."""
+        self._controls.window = window
+        return self._changed()
+
+    @set_window.validator
+    def _validate_set_window(self, window: int) -> None:
+        self._refuse_if_finished("change the window")
+        if not 1 <= window <= MAX_WINDOW:
+            raise _refuse(f"window must be between 1 and {MAX_WINDOW} (got {window})")
+
+    @workflow.update
+    def set_rate(self, rate_per_second: float | None) -> CampaignStatus:
+        """Change the send rate limit (emails/s); None removes it."""
+        self._controls.rate_per_second = rate_per_second
+        return self._changed()
+
+    @set_rate.validator
+    def _validate_set_rate(self, rate_per_second: float | None) -> None:
+        self._refuse_if_finished("change the rate")
+        if rate_per_second is not None and rate_per_second <= 0:
+            raise _refuse(f"rate must be positive, or null for no limit (got {rate_per_second})")
+
+    @workflow.update
+    def reschedule(self, send_at: datetime) -> CampaignStatus:
+        """Move the scheduled start of a campaign that is still waiting for it."""
+        self._controls.send_at = send_at
+        return self._changed()
+
+    @reschedule.validator
+    def _validate_reschedule(self, send_at: datetime) -> None:
+        self._refuse_if_finished("reschedule")
+        assert self._status is not None
+        if self._status.state is not CampaignState.SCHEDULED:
+            raise _refuse(
+                "cannot reschedule: the campaign is no longer waiting for its start time "
+                f"(it is {self._status.state.value.lower()})"
+            )
+        if send_at.tzinfo is None:
+            raise _refuse("send_at needs a timezone, e.g. 2026-12-01T09:00:00+00:00")
 
 
 def _describe(error: ActivityError) -> str:
