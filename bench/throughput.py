@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from activities import PlanningActivities, SendingActivities  # noqa: E402
 from bench._harness import BENCH_ORG, BenchStack, bench_stack, ensure_audience  # noqa: E402
-from campaigns.cli._campaign import start_campaign  # noqa: E402
+from campaigns.client import CampaignClient  # noqa: E402
 from campaigns.logs import configure_logging  # noqa: E402
 from campaigns.models import (  # noqa: E402
     BatchOutcome,
@@ -42,7 +42,6 @@ from campaigns.models import (  # noqa: E402
     SendBatchInput,
 )
 from campaigns.provider import ProviderClient  # noqa: E402
-from campaigns.temporal import connect  # noqa: E402
 
 
 @dataclass
@@ -76,9 +75,9 @@ def make_spec(campaign_id: str, audience: str, args: argparse.Namespace) -> Camp
 async def run_temporal(bench: BenchStack, audience: str, args: argparse.Namespace) -> Measurement:
     spec = make_spec(f"bench-temporal-{time.strftime('%H%M%S')}", audience, args)
     await bench.reset_simulator(latency_ms=args.latency_ms)
-    client = await connect(bench.settings)
+    client = await CampaignClient.connect(bench.settings)
     started = time.perf_counter()
-    handle = await start_campaign(client, bench.settings, spec)
+    handle = await client.start(spec)
     result = await handle.result()
     seconds = time.perf_counter() - started
     stats = await bench.simulator_stats()

@@ -16,8 +16,13 @@ from campaigns.cli._campaign import (
     CommandError,
     cmd_cancel,
     cmd_list,
+    cmd_pause,
+    cmd_reschedule,
+    cmd_resume,
+    cmd_retry_failed,
     cmd_start,
     cmd_status,
+    cmd_throttle,
     cmd_validate,
 )
 from campaigns.cli._data import (
@@ -29,6 +34,7 @@ from campaigns.cli._data import (
     cmd_suppress,
 )
 from campaigns.cli._stack import cmd_demo, cmd_stack_down, cmd_stack_status, cmd_stack_up
+from campaigns.client import CampaignAlreadyRunning, CampaignNotFound, ControlRefused
 from campaigns.db import SchemaOutOfDate
 from campaigns.settings import Settings
 from campaigns.spec_check import InvalidSpec
@@ -63,8 +69,23 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--org")
     sub.add_argument("--limit", type=int, default=50)
     sub.add_argument("--json", action="store_true")
-    sub = add("cancel", cmd_cancel, "cancel a running campaign (in-flight batches finish)")
+    sub = add("pause", cmd_pause, "pause a campaign (in-flight batches finish, none start)")
     sub.add_argument("workflow_id", metavar="ID")
+    sub = add("resume", cmd_resume, "resume a paused campaign")
+    sub.add_argument("workflow_id", metavar="ID")
+    sub = add("cancel", cmd_cancel, "cancel a campaign (in-flight batches finish, none start)")
+    sub.add_argument("workflow_id", metavar="ID")
+    sub = add("throttle", cmd_throttle, "change a running campaign's window or send rate")
+    sub.add_argument("workflow_id", metavar="ID")
+    sub.add_argument("--window", type=int, help="batch activities in flight")
+    sub.add_argument("--rate", type=float, help="emails per second at most")
+    sub.add_argument("--no-rate", action="store_true", help="remove the rate limit")
+    sub = add("reschedule", cmd_reschedule, "move the start of a scheduled campaign")
+    sub.add_argument("workflow_id", metavar="ID")
+    sub.add_argument("--at", required=True, help="ISO 8601 with timezone")
+    sub = add("retry-failed", cmd_retry_failed, "send to a finished campaign's failed recipients")
+    sub.add_argument("workflow_id", metavar="ID")
+    sub.add_argument("--watch", action="store_true", help="show live progress until done")
 
     # data
     group = add("db", None, "database schema").add_subparsers(dest="db_command", required=True)
@@ -119,6 +140,9 @@ def main(argv: list[str] | None = None) -> None:
     except CommandError as exc:
         errors.print(f"[red]error:[/] {exc}", highlight=False)
         code = exc.code
+    except (ControlRefused, CampaignAlreadyRunning, CampaignNotFound) as exc:
+        errors.print(f"[red]refused:[/] {exc}", highlight=False)
+        code = 2
     except (StackError, SchemaOutOfDate, RuntimeError, OSError) as exc:
         errors.print(f"[red]error:[/] {exc}", highlight=False)
         code = 1

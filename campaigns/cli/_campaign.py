@@ -1,26 +1,22 @@
-"""Campaign commands: validate, start, status, list, cancel."""
+"""Campaign commands: validate, start, status, list and the live controls."""
 
 from __future__ import annotations
 
 import json
 from argparse import Namespace
+from dataclasses import asdict
+from datetime import datetime
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
-from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
-from temporalio.common import SearchAttributePair, TypedSearchAttributes
-from temporalio.exceptions import WorkflowAlreadyStartedError
-from temporalio.service import RPCError
 
 from campaigns import db
-from campaigns import search_attributes as sa
-from campaigns.cli._progress import summary_table, watch
+from campaigns.cli._progress import status_line, summary_table, watch
+from campaigns.client import CampaignClient
 from campaigns.models import CampaignSpec, CampaignState, CampaignStatus
 from campaigns.settings import Settings
 from campaigns.spec_check import InvalidSpec, SpecProblem, check_against_database, parse_spec
-from campaigns.temporal import WORKFLOW_TYPE, connect
-from workflows import CampaignWorkflow
 
 
 class CommandError(RuntimeError):
@@ -58,132 +54,129 @@ async def cmd_validate(args: Namespace, settings: Settings, console: Console) ->
     return 0
 
 
-async def start_campaign(
-    client: Client, settings: Settings, spec: CampaignSpec, workflow_id: str | None = None
-) -> WorkflowHandle:
-    """Start the workflow for an already validated spec."""
-    try:
-        return await client.start_workflow(
-            CampaignWorkflow.run,
-            spec,
-            id=workflow_id or spec.campaign_id,
-            task_queue=settings.task_queue,
-            static_summary=f"Campaign {spec.campaign_id} · org {spec.org} · "
-            f"audience {spec.audience}",
-            search_attributes=TypedSearchAttributes(
-                [
-                    SearchAttributePair(sa.CAMPAIGN_STATE, CampaignState.PREPARING.value),
-                    SearchAttributePair(sa.CAMPAIGN_ORG, spec.org),
-                ]
-            ),
-        )
-    except WorkflowAlreadyStartedError:
-        raise CommandError(
-            f"campaign '{workflow_id or spec.campaign_id}' is already running; "
-            f"watch it with `campaigns status {workflow_id or spec.campaign_id}`"
-        ) from None
+async def _watch_to_end(client: CampaignClient, workflow_id: str, console: Console) -> int:
+    final = await watch(lambda: client.status(workflow_id), console)
+    console.print(summary_table(final))
+    console.print(f"Web UI: {client.settings.workflow_url(workflow_id)}")
+    return 0 if final.state is CampaignState.COMPLETED else 1
 
 
 async def cmd_start(args: Namespace, settings: Settings, console: Console) -> int:
     """``campaigns start SPEC.json``: validate, start, print the id and the Web UI link."""
     spec = await validated_spec(settings, args.spec)
-    client = await connect(settings)
-    handle = await start_campaign(client, settings, spec, args.workflow_id)
+    client = await CampaignClient.connect(settings)
+    handle = await client.start(spec, args.workflow_id)
     console.print(f"started campaign [bold]{spec.campaign_id}[/]")
     console.print(f"  workflow id  {handle.id}")
     console.print(f"  Web UI       {settings.workflow_url(handle.id)}")
+    if spec.send_at:
+        console.print(f"  sends at     {spec.send_at.isoformat()}")
     if args.watch:
-        final = await watch(lambda: fetch_status(client, handle.id), console)
-        console.print(summary_table(final))
-        return 0 if final.state is CampaignState.COMPLETED else 1
+        return await _watch_to_end(client, handle.id, console)
     console.print(f"  progress     campaigns status {handle.id}")
     return 0
 
 
-async def fetch_status(client: Client, workflow_id: str) -> CampaignStatus:
-    """The campaign's status: its result once completed, else its ``status`` query."""
-    handle = client.get_workflow_handle(workflow_id, result_type=CampaignStatus)
-    try:
-        description = await handle.describe()
-    except RPCError as exc:
-        if "not found" in str(exc).lower():
-            raise CommandError(f"no campaign workflow with id '{workflow_id}'") from None
-        raise
-    if description.status == WorkflowExecutionStatus.COMPLETED:
-        return await handle.result()
-    try:
-        return await handle.query(CampaignWorkflow.status)
-    except RPCError as exc:
-        raise CommandError(
-            f"cannot read the status of '{workflow_id}' ({exc}); is a worker running?"
-        ) from None
-
-
 async def cmd_status(args: Namespace, settings: Settings, console: Console) -> int:
     """``campaigns status ID``: a live progress bar until done, or ``--json`` once."""
-    client = await connect(settings)
+    client = await CampaignClient.connect(settings)
     if args.json:
-        status = await fetch_status(client, args.workflow_id)
-        print(status.model_dump_json(indent=2))
+        print((await client.status(args.workflow_id)).model_dump_json(indent=2))
         return 0
-    final = await watch(lambda: fetch_status(client, args.workflow_id), console)
-    console.print(summary_table(final))
-    console.print(f"Web UI: {settings.workflow_url(args.workflow_id)}")
-    return 0 if final.state is CampaignState.COMPLETED else 1
+    return await _watch_to_end(client, args.workflow_id, console)
 
 
 async def cmd_list(args: Namespace, settings: Settings, console: Console) -> int:
     """``campaigns list``: campaigns known to Temporal, newest first."""
-    client = await connect(settings)
-    query = f"WorkflowType = '{WORKFLOW_TYPE}'"
-    if args.state:
-        query += f" AND CampaignState = '{args.state}'"
-    if args.org:
-        query += f" AND CampaignOrg = '{args.org}'"
-    rows = []
-    async for execution in client.list_workflows(query, limit=args.limit):
-        attrs = execution.typed_search_attributes
-        rows.append(
-            {
-                "workflow_id": execution.id,
-                "state": attrs.get(sa.CAMPAIGN_STATE),
-                "org": attrs.get(sa.CAMPAIGN_ORG),
-                "progress": attrs.get(sa.CAMPAIGN_PROGRESS),
-                "status": execution.status.name if execution.status else None,
-                "started": execution.start_time.isoformat(timespec="seconds"),
-            }
-        )
+    client = await CampaignClient.connect(settings)
+    rows = await client.list(state=args.state, org=args.org, limit=args.limit)
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps([asdict(row) for row in rows], indent=2, default=str))
         return 0
     table = Table("workflow id", "state", "org", "progress", "execution", "started")
     for row in rows:
-        progress = f"{row['progress']:.0f}%" if row["progress"] is not None else ""
         table.add_row(
-            row["workflow_id"],
-            row["state"] or "",
-            row["org"] or "",
-            progress,
-            row["status"] or "",
-            row["started"],
+            row.workflow_id,
+            row.state or "",
+            row.org or "",
+            f"{row.progress:.0f}%" if row.progress is not None else "",
+            row.execution_status or "",
+            row.started_at.isoformat(timespec="seconds"),
         )
     console.print(table)
     return 0
 
 
+def _print_after(action: str, status: CampaignStatus, console: Console) -> None:
+    console.print(f"{action} [bold]{status.campaign_id}[/]")
+    console.print(status_line(status))
+
+
+async def cmd_pause(args: Namespace, settings: Settings, console: Console) -> int:
+    """``campaigns pause ID``."""
+    client = await CampaignClient.connect(settings)
+    _print_after("paused", await client.pause(args.workflow_id), console)
+    return 0
+
+
+async def cmd_resume(args: Namespace, settings: Settings, console: Console) -> int:
+    """``campaigns resume ID``."""
+    client = await CampaignClient.connect(settings)
+    _print_after("resumed", await client.resume(args.workflow_id), console)
+    return 0
+
+
 async def cmd_cancel(args: Namespace, settings: Settings, console: Console) -> int:
     """``campaigns cancel ID``: in-flight batches finish and are recorded, none start."""
-    client = await connect(settings)
-    handle = client.get_workflow_handle(args.workflow_id)
+    client = await CampaignClient.connect(settings)
+    _print_after("cancelling", await client.cancel(args.workflow_id), console)
+    console.print(f"the summary will show what was not sent: campaigns status {args.workflow_id}")
+    return 0
+
+
+async def cmd_throttle(args: Namespace, settings: Settings, console: Console) -> int:
+    """``campaigns throttle ID [--window N] [--rate R | --no-rate]``."""
+    if args.window is None and args.rate is None and not args.no_rate:
+        raise CommandError("give --window, --rate or --no-rate", code=2)
+    client = await CampaignClient.connect(settings)
+    status = None
+    if args.window is not None:
+        status = await client.set_window(args.workflow_id, args.window)
+    if args.rate is not None or args.no_rate:
+        status = await client.set_rate(args.workflow_id, None if args.no_rate else args.rate)
+    assert status is not None and status.controls is not None
+    rate = status.controls.rate_per_second
+    console.print(
+        f"campaign [bold]{status.campaign_id}[/]: window {status.controls.window}, "
+        f"rate limit {f'{rate:,.0f} emails/s' if rate else 'none'}"
+    )
+    return 0
+
+
+async def cmd_reschedule(args: Namespace, settings: Settings, console: Console) -> int:
+    """``campaigns reschedule ID --at 2026-12-01T09:00:00+00:00``."""
     try:
-        description = await handle.describe()
-    except RPCError:
-        raise CommandError(f"no campaign workflow with id '{args.workflow_id}'") from None
-    if description.status != WorkflowExecutionStatus.RUNNING:
-        raise CommandError(
-            f"campaign '{args.workflow_id}' is not running "
-            f"({description.status.name.lower() if description.status else 'unknown'})"
-        )
-    await handle.cancel()
-    console.print(f"cancellation requested for [bold]{args.workflow_id}[/]")
+        send_at = datetime.fromisoformat(args.at)
+    except ValueError:
+        raise CommandError(f"--at: '{args.at}' is not an ISO 8601 date and time", 2) from None
+    if send_at.tzinfo is None:
+        raise CommandError("--at needs a timezone, e.g. 2026-12-01T09:00:00+00:00", 2)
+    client = await CampaignClient.connect(settings)
+    status = await client.reschedule(args.workflow_id, send_at)
+    console.print(f"campaign [bold]{status.campaign_id}[/] now sends at {send_at.isoformat()}")
+    return 0
+
+
+async def cmd_retry_failed(args: Namespace, settings: Settings, console: Console) -> int:
+    """``campaigns retry-failed ID``: a new run to the failed and abandoned recipients."""
+    client = await CampaignClient.connect(settings)
+    conn = await db.connect(settings.require_database_url())
+    try:
+        handle, spec = await client.retry_failed(args.workflow_id, conn)
+    finally:
+        await conn.close()
+    console.print(f"retrying failed recipients of [bold]{spec.campaign_id}[/] (new run)")
+    console.print(f"  Web UI  {settings.workflow_url(handle.id)}")
+    if args.watch:
+        return await _watch_to_end(client, handle.id, console)
     return 0

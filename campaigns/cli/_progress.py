@@ -11,7 +11,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 from rich.table import Table
 from rich.text import Text
 
-from campaigns.models import CampaignStatus
+from campaigns.models import CampaignState, CampaignStatus
 
 
 def _eta(seconds: float | None) -> str:
@@ -32,6 +32,16 @@ def status_line(status: CampaignStatus) -> Text:
     line.append(f"  failed {counts.failed:,}", style="yellow" if counts.failed else "")
     line.append(f"  rejected {counts.rejected:,}  suppressed {counts.suppressed:,}")
     line.append(f"  skipped {counts.skipped:,}  abandoned {counts.abandoned:,}")
+    controls = status.controls
+    if controls is not None:
+        rate = f"{controls.rate_per_second:,.0f}/s" if controls.rate_per_second else "none"
+        line.append(f"\nwindow {controls.window}  rate limit {rate}")
+        if controls.paused:
+            line.append("  PAUSED", style="bold yellow")
+        if controls.send_at and status.state is CampaignState.SCHEDULED:
+            line.append(f"  sends at {controls.send_at.isoformat()}")
+    if status.runs > 1:
+        line.append(f"  runs {status.runs}")
     if status.last_error:
         line.append(f"\nlast error: {status.last_error}", style="red")
     return line

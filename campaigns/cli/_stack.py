@@ -11,9 +11,10 @@ from rich.console import Console
 
 from campaigns import db
 from campaigns.audience_import import import_audience
-from campaigns.cli._campaign import CommandError, fetch_status, start_campaign
+from campaigns.cli._campaign import CommandError
 from campaigns.cli._data import print_import_report
 from campaigns.cli._progress import summary_table, watch
+from campaigns.client import CampaignClient
 from campaigns.demo import DEMO_ORG, demo_spec, demo_suppressions, write_demo_audience
 from campaigns.settings import Settings, data_dir
 from campaigns.spec_check import check_against_database
@@ -24,7 +25,6 @@ from campaigns.stack import (
     start_detached,
     stop_detached,
 )
-from campaigns.temporal import connect
 
 
 def stack_config(args: Namespace) -> StackConfig:
@@ -102,11 +102,11 @@ async def cmd_demo(args: Namespace, settings: Settings, console: Console) -> int
 
     async with httpx.AsyncClient(base_url=state["provider_base_url"]) as simulator:
         (await simulator.post("/_sim/reset")).raise_for_status()
-        client = await connect(settings)
-        handle = await start_campaign(client, settings, spec)
+        client = await CampaignClient.connect(settings)
+        handle = await client.start(spec)
         console.print(f"campaign [bold]{spec.campaign_id}[/] started (spec: {spec_path})")
         console.print(f"Web UI: {settings.workflow_url(handle.id)}")
-        final = await watch(lambda: fetch_status(client, handle.id), console)
+        final = await watch(lambda: client.status(handle.id), console)
         console.print(summary_table(final))
         stats = (await simulator.get("/_sim/stats")).json()
 
