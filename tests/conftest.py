@@ -140,3 +140,32 @@ async def worker(client: Client, settings: Settings, pool: asyncpg.Pool) -> Asyn
     async with build_worker(client, settings, pool, provider):
         yield
     await provider.aclose()
+
+
+HISTORIES = Path(__file__).parent / "histories"
+
+
+@pytest.fixture(autouse=True)
+async def record_histories(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    """With RECORD_HISTORIES=1, save the history of every campaign a test ran.
+
+    The saved files feed the replay test, which fails when a workflow change would
+    break the determinism of runs recorded with an earlier version.
+    """
+    if not os.environ.get("RECORD_HISTORIES") or "client" not in request.fixturenames:
+        yield
+        return
+    from datetime import UTC, datetime
+
+    client: Client = request.getfixturevalue("client")
+    since = datetime.now(UTC).isoformat()
+    yield
+    query = f"WorkflowType = 'CampaignWorkflow' AND StartTime >= '{since}'"
+    HISTORIES.mkdir(exist_ok=True)
+    async for execution in client.list_workflows(query):
+        if execution.close_time is None:
+            continue
+        handle = client.get_workflow_handle(execution.id, run_id=execution.run_id)
+        history = await handle.fetch_history()
+        name = f"{request.node.name}-{execution.run_id[-8:]}.json".replace("/", "_")
+        (HISTORIES / name).write_text(history.to_json())
