@@ -51,9 +51,15 @@ class BenchStack:
         for child in self.stack.children:
             if child.name.startswith("worker"):
                 child.stop(timeout=40)
+                started_before = _log_count(child.log_path, "worker started")
                 child.start()
                 assert child.process is not None
                 self.state["services"][child.name] = child.process.pid
+                deadline = time.monotonic() + 30
+                while _log_count(child.log_path, "worker started") == started_before:
+                    if time.monotonic() > deadline or child.process.poll() is not None:
+                        raise RuntimeError(f"{child.name} did not start: {child.tail()}")
+                    time.sleep(0.05)
 
     def peak_rss_mib(self) -> float:
         """Largest peak resident set (VmHWM) among the workers, in MiB."""
@@ -129,3 +135,10 @@ async def ensure_audience(pool: asyncpg.Pool, recipients: int) -> str:
         await pool.execute("ANALYZE recipients")
         print(f"  generated audience of {recipients:,} in {time.perf_counter() - started:.1f}s")
     return name
+
+
+def _log_count(path: Path, text: str) -> int:
+    try:
+        return path.read_text(errors="replace").count(text)
+    except FileNotFoundError:
+        return 0

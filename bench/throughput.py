@@ -55,7 +55,8 @@ class Measurement:
     emails_per_second: float
     duplicates: int
     worker_peak_rss_mib: float | None = None
-    history_events: int | None = None
+    history_events: int | None = None  # the largest of any run
+    runs: int | None = None
 
 
 def make_spec(campaign_id: str, audience: str, args: argparse.Namespace) -> CampaignSpec:
@@ -72,8 +73,11 @@ def make_spec(campaign_id: str, audience: str, args: argparse.Namespace) -> Camp
     )
 
 
-async def run_temporal(bench: BenchStack, audience: str, args: argparse.Namespace) -> Measurement:
-    spec = make_spec(f"bench-temporal-{time.strftime('%H%M%S')}", audience, args)
+async def run_temporal(
+    bench: BenchStack, audience: str, recipients: int, args: argparse.Namespace
+) -> Measurement:
+    bench.restart_workers()  # a fresh process, so the peak RSS is this campaign's own
+    spec = make_spec(f"bench-temporal-{recipients}-{time.strftime('%H%M%S')}", audience, args)
     await bench.reset_simulator(latency_ms=args.latency_ms)
     client = await CampaignClient.connect(bench.settings)
     started = time.perf_counter()
@@ -81,21 +85,27 @@ async def run_temporal(bench: BenchStack, audience: str, args: argparse.Namespac
     result = await handle.result()
     seconds = time.perf_counter() - started
     stats = await bench.simulator_stats()
-    description = await handle.describe()
+    lengths = [
+        execution.history_length
+        async for execution in client.temporal.list_workflows(f"WorkflowId = '{handle.id}'")
+    ]
     return Measurement(
         path="temporal",
-        recipients=args.recipients,
+        recipients=recipients,
         sent=result.counts.sent,
         seconds=seconds,
         emails_per_second=result.counts.sent / seconds,
         duplicates=stats["duplicated_recipients"],
         worker_peak_rss_mib=bench.peak_rss_mib(),
-        history_events=description.history_length,
+        history_events=max(lengths),
+        runs=len(lengths),
     )
 
 
-async def run_plain_loop(bench: BenchStack, audience: str, args: argparse.Namespace) -> Measurement:
-    spec = make_spec(f"bench-plain-{time.strftime('%H%M%S')}", audience, args)
+async def run_plain_loop(
+    bench: BenchStack, audience: str, recipients: int, args: argparse.Namespace
+) -> Measurement:
+    spec = make_spec(f"bench-plain-{recipients}-{time.strftime('%H%M%S')}", audience, args)
     await bench.reset_simulator(latency_ms=args.latency_ms)
     api_key = _stack_api_key(bench)
     provider = ProviderClient(bench.state["provider_base_url"], SecretStr(api_key))
@@ -147,7 +157,7 @@ async def run_plain_loop(bench: BenchStack, audience: str, args: argparse.Namesp
     stats = await bench.simulator_stats()
     return Measurement(
         path="plain asyncio loop",
-        recipients=args.recipients,
+        recipients=recipients,
         sent=counts.sent,
         seconds=seconds,
         emails_per_second=counts.sent / seconds,
@@ -163,51 +173,69 @@ def _stack_api_key(bench: BenchStack) -> str:
     raise RuntimeError(f"no PROVIDER_API_KEY in {env_file}")
 
 
-def report(temporal: Measurement, plain: Measurement) -> None:
+def report(measurements: list[Measurement]) -> None:
     print()
     print(
-        f"{'path':<20} {'sent':>10} {'seconds':>9} {'emails/s':>10} {'dups':>5} "
-        f"{'peak RSS':>9} {'history':>8}"
+        f"{'path':<20} {'recipients':>10} {'seconds':>8} {'emails/s':>9} {'dups':>5} "
+        f"{'peak RSS':>9} {'max history/run':>16} {'runs':>5}"
     )
-    for m in (temporal, plain):
+    for m in measurements:
         rss = f"{m.worker_peak_rss_mib:.0f} MiB" if m.worker_peak_rss_mib else "-"
         print(
-            f"{m.path:<20} {m.sent:>10,} {m.seconds:>9.1f} {m.emails_per_second:>10,.0f} "
-            f"{m.duplicates:>5} {rss:>9} {m.history_events or '-':>8}"
+            f"{m.path:<20} {m.recipients:>10,} {m.seconds:>8.1f} {m.emails_per_second:>9,.0f} "
+            f"{m.duplicates:>5} {rss:>9} {m.history_events or '-':>16} {m.runs or '-':>5}"
         )
-    print(
-        f"\nratio temporal / plain loop: {temporal.emails_per_second / plain.emails_per_second:.2f}"
-    )
+    print()
+    by_size: dict[int, dict[str, Measurement]] = {}
+    for m in measurements:
+        by_size.setdefault(m.recipients, {})[m.path] = m
+    for size, paths in by_size.items():
+        if "temporal" in paths and "plain asyncio loop" in paths:
+            ratio = (
+                paths["temporal"].emails_per_second / paths["plain asyncio loop"].emails_per_second
+            )
+            print(f"{size:>10,} recipients: temporal / plain loop = {ratio:.2f}")
+    temporal = sorted((m for m in measurements if m.path == "temporal"), key=lambda m: m.recipients)
+    if len(temporal) > 1 and temporal[0].worker_peak_rss_mib and temporal[-1].worker_peak_rss_mib:
+        ratio = temporal[-1].worker_peak_rss_mib / temporal[0].worker_peak_rss_mib
+        print(
+            f"worker peak RSS, {temporal[-1].recipients:,} / {temporal[0].recipients:,} "
+            f"recipients: {ratio:.2f}"
+        )
 
 
 async def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--recipients", type=int, default=100_000)
-    parser.add_argument("--window", type=int, default=8, help="batch activities in flight")
-    parser.add_argument("--per-activity", type=int, default=1000, help="recipients per batch")
+    parser.add_argument("--recipients", type=int, nargs="+", default=[100_000])
+    parser.add_argument("--window", type=int, default=16, help="batch activities in flight")
+    parser.add_argument("--per-activity", type=int, default=2000, help="recipients per batch")
     parser.add_argument("--latency-ms", type=float, default=0.0, help="simulator latency")
+    parser.add_argument("--no-plain", action="store_true", help="skip the plain asyncio loop")
     parser.add_argument("--data-dir", type=Path, default=None, help="keep the stack's data here")
     args = parser.parse_args()
     configure_logging("WARNING", "console")
 
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="campaigns-bench-"))
     print(
-        f"benchmark: {args.recipients:,} recipients, window {args.window}, "
-        f"{args.per_activity} per activity, simulator latency {args.latency_ms} ms"
+        f"benchmark: {', '.join(f'{n:,}' for n in args.recipients)} recipients, window "
+        f"{args.window}, {args.per_activity} per activity, simulator latency {args.latency_ms} ms"
     )
+    measurements: list[Measurement] = []
     async with bench_stack(data_dir) as bench:
-        audience = await ensure_audience(bench.pool, args.recipients)
-        temporal = await run_temporal(bench, audience, args)
-        plain = await run_plain_loop(bench, audience, args)
-    report(temporal, plain)
+        for recipients in args.recipients:
+            audience = await ensure_audience(bench.pool, recipients)
+            measurements.append(await run_temporal(bench, audience, recipients, args))
+            if not args.no_plain:
+                measurements.append(await run_plain_loop(bench, audience, recipients, args))
+    report(measurements)
     results = Path(__file__).parent / "results"
     results.mkdir(exist_ok=True)
-    out = results / f"throughput-{args.recipients}.json"
-    out.write_text(json.dumps([asdict(temporal), asdict(plain)], indent=2))
+    out = results / f"throughput-{'-'.join(map(str, args.recipients))}.json"
+    out.write_text(json.dumps([asdict(m) for m in measurements], indent=2))
     print(f"saved {out}")
-    if temporal.duplicates or plain.duplicates or temporal.sent != args.recipients:
+    if any(m.duplicates or m.sent != m.recipients for m in measurements):
         raise SystemExit("exactly-once check failed")
 
 

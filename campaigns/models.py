@@ -63,13 +63,13 @@ class CampaignSpec(_Model):
         description="Emails per provider request (the provider takes at most 100).",
     )
     recipients_per_activity: int = Field(
-        default=1000,
+        default=2000,
         ge=1,
         le=10_000,
         description="Recipients handled by one batch activity; it sends several provider "
         "requests concurrently.",
     )
-    window: int = Field(default=8, ge=1, le=MAX_WINDOW, description="Batch activities in flight.")
+    window: int = Field(default=16, ge=1, le=MAX_WINDOW, description="Batch activities in flight.")
     retry_delays_seconds: list[Annotated[int, Field(ge=1, le=86_400)]] = Field(
         default_factory=lambda: list(DEFAULT_RETRY_DELAYS),
         max_length=10,

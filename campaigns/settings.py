@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     provider_base_url: str | None = None
     provider_api_key: SecretStr | None = None
     provider_timeout_seconds: float = 30.0
-    provider_max_connections: int = 64
+    provider_max_connections: int = 32
     worker_max_concurrent_activities: int = 64
     worker_graceful_shutdown_seconds: float = 30.0
     log_format: Literal["auto", "json", "console"] = "auto"

@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
+import os
 import random
 import re
 import time
-import uuid
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -61,6 +61,12 @@ class SimulatorConfig(BaseModel):
     )
     keep_messages: int = Field(default=10_000, ge=0, description="Last N messages kept.")
     seed: int | None = None
+
+
+def _message_id() -> str:
+    """A random UUID-shaped id, cheaper than uuid.uuid4() at thousands a second."""
+    h = os.urandom(16).hex()
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{h[16:20]}-{h[20:]}"
 
 
 def _error(status: int, name: str, message: str, **headers: str) -> web.Response:
@@ -216,7 +222,11 @@ class Simulator:
                         "Same idempotency key used with a different request payload.",
                     )
                 state.replays += 1
-                return web.json_response(stored.payload, status=stored.status)
+                return web.Response(
+                    body=orjson.dumps(stored.payload),
+                    status=stored.status,
+                    content_type="application/json",
+                )
             if key in state.in_progress:
                 return _error(
                     409,
@@ -234,8 +244,8 @@ class Simulator:
             return _error(fault.status, "application_error", "Injected fault.", **headers)
 
         try:
-            emails = json.loads(raw)
-        except ValueError:
+            emails = orjson.loads(raw)
+        except orjson.JSONDecodeError:
             return _error(422, "validation_error", "The request body is not valid JSON.")
         problem = _validate(emails, {a.lower() for a in config.reject_addresses})
         if problem:
@@ -255,7 +265,7 @@ class Simulator:
 
         if fault:  # phase "after": accepted and delivered, but the client hears an error
             return _error(fault.status, "application_error", "Injected fault after accepting.")
-        return web.json_response(payload)
+        return web.Response(body=orjson.dumps(payload), content_type="application/json")
 
     @staticmethod
     def _accept(
@@ -263,7 +273,7 @@ class Simulator:
     ) -> dict[str, Any]:
         data = []
         for email in emails:
-            message_id = str(uuid.uuid4())
+            message_id = _message_id()
             to = email["to"] if isinstance(email["to"], list) else [email["to"]]
             for address in to:
                 state.deliveries[address.lower()] += 1

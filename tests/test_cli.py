@@ -152,3 +152,28 @@ async def test_cli_import_reports_bad_rows(
     assert "1 new" in result.stdout and "2 left out" in result.stdout
     assert "line 3: invalid email address 'nope'" in result.stdout
     assert "line 4: duplicate of line 2 (ok@example.com)" in result.stdout
+
+
+async def test_cli_controls_report_refusals_clearly(
+    settings: Settings, client: Client, pool: asyncpg.Pool, sim: SimulatorControl, tmp_path: Path
+) -> None:
+    org = await make_org(pool)
+    audience, _ = await make_audience(pool, tmp_path, org, addresses("clictl", 20))
+    spec = make_spec(org, audience)
+    path = tmp_path / "spec.json"
+    path.write_text(spec.model_dump_json())
+    env = cli_env(settings, tmp_path)
+    assert (await campaigns(env, "start", str(path))).returncode == 0
+    await client.get_workflow_handle(spec.campaign_id).result()
+
+    refused = await campaigns(env, "pause", spec.campaign_id)
+    assert refused.returncode == 2
+    assert "has finished" in refused.stderr
+    missing = await campaigns(env, "resume", "no-such-campaign")
+    assert missing.returncode == 2 and "no campaign workflow" in missing.stderr
+    nothing = await campaigns(env, "throttle", spec.campaign_id)
+    assert nothing.returncode == 2 and "--window, --rate or --no-rate" in nothing.stderr
+    bad_time = await campaigns(env, "reschedule", spec.campaign_id, "--at", "tomorrow")
+    assert bad_time.returncode == 2 and "not an ISO 8601" in bad_time.stderr
+    retry = await campaigns(env, "retry-failed", spec.campaign_id)
+    assert retry.returncode == 2 and "no failed or abandoned recipients" in retry.stderr

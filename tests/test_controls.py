@@ -253,3 +253,43 @@ async def test_continue_as_new_carries_cursor_counts_and_controls(
             handle.id, run_id=run.run_id
         ).fetch_history()
         assert len(history.events) < 120  # bounded per run, whatever the audience size
+
+
+async def test_retry_failed_sends_only_to_failed_and_abandoned_recipients_as_a_new_run(
+    campaigns: CampaignClient, pool: asyncpg.Pool, sim: SimulatorControl, tmp_path: Path
+) -> None:
+    from campaigns.spec_check import InvalidSpec
+
+    org = await make_org(pool)
+    emails = addresses("retry", 200)
+    audience, _ = await make_audience(pool, tmp_path, org, emails)
+    # Two of the eight requests fail (one after the provider accepted it), and with
+    # no retry rounds their recipients are abandoned at once.
+    await sim.script({"status": 500, "phase": "after"}, {"status": 502})
+    spec = make_spec(org, audience, window=1, retry_delays_seconds=[])
+    first = await (await campaigns.start(spec)).result()
+    assert first.counts.abandoned == 50 and first.counts.sent == 150
+    later = (datetime.now(UTC) + timedelta(days=1)).isoformat()
+    waiting = await campaigns.start(make_spec(org, audience, send_at=later))
+    with pytest.raises(ControlRefused, match="is still"):
+        await campaigns.retry_failed(waiting.id, pool)
+    await campaigns.cancel(waiting.id)
+
+    handle, retry_spec = await campaigns.retry_failed(spec.campaign_id, pool)
+    second = await handle.result()
+
+    assert retry_spec.send_to == "failed" and handle.id == spec.campaign_id
+    assert second.state is CampaignState.COMPLETED
+    assert second.total == 50 and second.counts.sent == 50 and second.counts.skipped == 0
+    delivered = await sim.deliveries()
+    assert sorted(delivered) == sorted(emails)
+    assert set(delivered.values()) == {1}  # the accepted-then-500 requests were replayed
+    assert (
+        await pool.fetchval(
+            "SELECT count(*) FROM deliveries WHERE campaign_id = $1 AND status = 'sent'",
+            spec.campaign_id,
+        )
+        == 200
+    )
+    with pytest.raises(InvalidSpec, match="no failed or abandoned recipients"):
+        await campaigns.retry_failed(spec.campaign_id, pool)

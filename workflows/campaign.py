@@ -86,9 +86,27 @@ def _refuse(message: str) -> ApplicationError:
 class CampaignWorkflow:
     """Sends one campaign; input ``CampaignSpec``, result the final ``CampaignStatus``."""
 
-    def __init__(self) -> None:
-        """Start empty; ``run`` fills the status in."""
-        self._status: CampaignStatus | None = None
+    @workflow.init
+    def __init__(self, request: CampaignInput) -> None:
+        """Set the status up before anything runs, so controls and queries that arrive
+        with the first workflow task already see it."""
+        carried = request.carried
+        if carried is None:
+            status = CampaignStatus(
+                campaign_id=request.campaign_id,
+                org=request.org,
+                state=CampaignState.SCHEDULED if request.send_at else CampaignState.PREPARING,
+                started_at=workflow.now(),
+                controls=CampaignControls(
+                    window=request.window,
+                    rate_per_second=request.rate_per_second,
+                    send_at=request.send_at,
+                ),
+            )
+        else:
+            status = carried.status
+            status.runs += 1
+        self._status: CampaignStatus = status
         self._in_flight: set[asyncio.Task[BatchOutcome]] = set()
         self._samples: deque[tuple[float, int]] = deque()
         self._published_progress = -1
@@ -104,22 +122,7 @@ class CampaignWorkflow:
         previous run's cursor, counters and controls.
         """
         spec, carried = request.spec(), request.carried
-        if carried is None:
-            status = CampaignStatus(
-                campaign_id=spec.campaign_id,
-                org=spec.org,
-                state=CampaignState.SCHEDULED if spec.send_at else CampaignState.PREPARING,
-                started_at=workflow.now(),
-                controls=CampaignControls(
-                    window=spec.window,
-                    rate_per_second=spec.rate_per_second,
-                    send_at=spec.send_at,
-                ),
-            )
-        else:
-            status = carried.status
-            status.runs += 1
-        self._status = status
+        status = self._status
         workflow.upsert_search_attributes([sa.CAMPAIGN_ORG.value_set(spec.org)])
         self._set_state(status.state)
         try:
@@ -180,7 +183,6 @@ class CampaignWorkflow:
 
     async def _send_all_rounds(self, spec: CampaignSpec, carried: CarriedState) -> CampaignStatus:
         status = self._status
-        assert status is not None
         while True:
             status.round = carried.round
             if not await self._send_pass(spec, carried):
@@ -215,7 +217,6 @@ class CampaignWorkflow:
         spent.
         """
         status, controls = self._status, self._controls
-        assert status is not None
         self._set_state(CampaignState.PAUSED if controls.paused else CampaignState.RUNNING)
         source = "ledger" if carried.round > 0 or spec.send_to == "failed" else "audience"
         ranges: deque[BatchRange] = deque()
@@ -330,7 +331,6 @@ class CampaignWorkflow:
                 self._record(task.result())
             except ActivityError as error:
                 failure = failure or _describe(error)
-                assert self._status is not None
                 self._status.last_error = failure
         self._update_in_flight()
         return failure
@@ -347,17 +347,15 @@ class CampaignWorkflow:
     @workflow.query
     def status(self) -> CampaignStatus:
         """Progress, rate, ETA, controls and errors, as of the workflow's last step."""
-        assert self._status is not None
         return self._status
 
     @property
     def _controls(self) -> CampaignControls:
-        assert self._status is not None and self._status.controls is not None
+        assert self._status.controls is not None
         return self._status.controls
 
     def _record(self, outcome: BatchOutcome) -> None:
         status = self._status
-        assert status is not None
         status.counts.add(outcome)
         if outcome.last_error:
             status.last_error = outcome.last_error
@@ -373,11 +371,9 @@ class CampaignWorkflow:
         self._publish_progress()
 
     def _update_in_flight(self) -> None:
-        assert self._status is not None
         self._status.in_flight_batches = len(self._in_flight)
 
     def _set_state(self, state: CampaignState) -> None:
-        assert self._status is not None
         self._status.state = state
         workflow.upsert_search_attributes([sa.CAMPAIGN_STATE.value_set(state.value)])
         self._publish_progress(force=True)
@@ -385,7 +381,6 @@ class CampaignWorkflow:
     def _publish_progress(self, force: bool = False) -> None:
         """Search attribute at each whole percent; Web UI details on every change."""
         status = self._status
-        assert status is not None
         percent = int(status.progress * 100)
         if force or percent != self._published_progress:
             self._published_progress = percent
@@ -408,7 +403,6 @@ class CampaignWorkflow:
 
     def _finish(self, state: CampaignState, error: str | None = None) -> CampaignStatus:
         status = self._status
-        assert status is not None
         status.in_flight_batches = 0
         status.eta_seconds = None
         status.finished_at = workflow.now()
@@ -425,8 +419,6 @@ class CampaignWorkflow:
 
     def _refuse_if_finished(self, action: str) -> None:
         status = self._status
-        if status is None:
-            raise _refuse(f"cannot {action}: the campaign has not started yet")
         if status.done:
             raise _refuse(
                 f"cannot {action}: campaign {status.campaign_id} is {status.state.value.lower()}"
@@ -436,7 +428,6 @@ class CampaignWorkflow:
 
     def _changed(self) -> CampaignStatus:
         self._wake += 1
-        assert self._status is not None
         self._publish_progress()
         return self._status
 
@@ -444,7 +435,6 @@ class CampaignWorkflow:
     def pause(self) -> CampaignStatus:
         """Stop starting batches; those in flight finish and are recorded."""
         self._controls.paused = True
-        assert self._status is not None
         if self._status.state is CampaignState.RUNNING:
             self._set_state(CampaignState.PAUSED)
         return self._changed()
@@ -459,7 +449,6 @@ class CampaignWorkflow:
     def resume(self) -> CampaignStatus:
         """Start batches again after a pause."""
         self._controls.paused = False
-        assert self._status is not None
         if self._status.state is CampaignState.PAUSED:
             self._set_state(CampaignState.RUNNING)
         return self._changed()
@@ -513,7 +502,6 @@ class CampaignWorkflow:
     @reschedule.validator
     def _validate_reschedule(self, send_at: datetime) -> None:
         self._refuse_if_finished("reschedule")
-        assert self._status is not None
         if self._status.state is not CampaignState.SCHEDULED:
             raise _refuse(
                 "cannot reschedule: the campaign is no longer waiting for its start time "
