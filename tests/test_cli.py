@@ -177,3 +177,44 @@ async def test_cli_controls_report_refusals_clearly(
     assert bad_time.returncode == 2 and "not an ISO 8601" in bad_time.stderr
     retry = await campaigns(env, "retry-failed", spec.campaign_id)
     assert retry.returncode == 2 and "no failed or abandoned recipients" in retry.stderr
+
+
+async def test_controls_and_status_through_the_official_temporal_cli(
+    settings: Settings, client: Client, pool: asyncpg.Pool, sim: SimulatorControl, tmp_path: Path
+) -> None:
+    org = await make_org(pool)
+    emails = addresses("tctl", 400)
+    audience, _ = await make_audience(pool, tmp_path, org, emails)
+    await sim.configure(latency_ms=80)
+    spec = make_spec(org, audience, window=1, recipients_per_activity=50)
+    await run(
+        temporal_cli(), "workflow", "start", "--address", settings.temporal_address,
+        "--type", "CampaignWorkflow", "--task-queue", settings.task_queue,
+        "--workflow-id", spec.campaign_id, "--input", spec.model_dump_json(),
+    )  # fmt: skip
+
+    async def temporal(*args: str) -> Result:
+        result = await run(
+            temporal_cli(), "workflow", *args, "--address", settings.temporal_address,
+            "--workflow-id", spec.campaign_id, "--output", "json",
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        return result
+
+    paused = json.loads((await temporal("update", "execute", "--name", "pause")).stdout)
+    assert paused["result"]["controls"]["paused"] is True
+    await temporal("update", "execute", "--name", "set_window", "--input", "3")
+    refused = await run(
+        temporal_cli(), "workflow", "update", "execute", "--name", "set_window",
+        "--input", "0", "--address", settings.temporal_address, "--workflow-id", spec.campaign_id,
+    )  # fmt: skip
+    assert refused.returncode != 0 and "window must be between 1 and 500" in refused.stderr
+    status = json.loads((await temporal("query", "--name", "status")).stdout)
+    assert status["queryResult"][0]["controls"] == {
+        "paused": True, "cancel_requested": False, "window": 3,
+        "rate_per_second": None, "send_at": None,
+    }  # fmt: skip
+    await temporal("update", "execute", "--name", "resume")
+
+    final = await client.get_workflow_handle(spec.campaign_id, result_type=CampaignStatus).result()
+    assert final.counts.sent == 400 and final.controls.window == 3
