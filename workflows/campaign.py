@@ -216,7 +216,7 @@ class CampaignWorkflow:
         Continues as new (after draining) when this run's batch or history budget is
         spent.
         """
-        status, controls = self._status, self._controls
+        controls = self._controls
         self._set_state(CampaignState.PAUSED if controls.paused else CampaignState.RUNNING)
         source = "ledger" if carried.round > 0 or spec.send_to == "failed" else "audience"
         ranges: deque[BatchRange] = deque()
