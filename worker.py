@@ -2,7 +2,8 @@
 
 Settings come from the environment (see ``campaigns.settings``): ``TEMPORAL_ADDRESS``,
 ``TEMPORAL_NAMESPACE``, ``CAMPAIGNS_TASK_QUEUE``, ``DATABASE_URL``,
-``PROVIDER_BASE_URL`` and ``PROVIDER_API_KEY``. SIGTERM or SIGINT stops polling, lets
+``PROVIDER_BASE_URL``, ``PROVIDER_API_KEY`` and ``WORKER_QUEUES`` (``campaigns``,
+``maintenance`` or both, the default). SIGTERM or SIGINT stops polling, lets
 in-flight activities finish for ``WORKER_GRACEFUL_SHUTDOWN_SECONDS``, then hands the
 rest back to Temporal, which retries them on another worker.
 
@@ -13,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import AsyncIterator, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import timedelta
 
 import asyncpg
@@ -21,40 +24,89 @@ import structlog
 from temporalio.client import Client
 from temporalio.worker import Worker
 
-from activities import PlanningActivities, SendingActivities
+from activities import MaintenanceActivities, PlanningActivities, SendingActivities
 from campaigns import db
 from campaigns.logs import configure_logging
 from campaigns.provider import ProviderClient
+from campaigns.schedules import MAINTENANCE_TASK_QUEUE, refresh_once
+from campaigns.sender_identity import SendingDomains
 from campaigns.settings import Settings
 from campaigns.temporal import connect
-from workflows import CampaignWorkflow
+from workflows import CampaignWorkflow, RefreshFirstPartyOrgsWorkflow
 
 log = structlog.get_logger("worker")
 
 
-def build_worker(
+def build_workers(
     client: Client,
     settings: Settings,
     pool: asyncpg.Pool,
     provider: ProviderClient,
-) -> Worker:
-    """Wire the campaign workflow and activities onto ``settings.task_queue``."""
-    planning = PlanningActivities(pool)
-    sending = SendingActivities(pool, provider)
-    return Worker(
-        client,
-        task_queue=settings.task_queue,
-        workflows=[CampaignWorkflow],
-        activities=[
-            planning.prepare_campaign,
-            planning.plan_batches,
-            planning.abandon_failed,
-            sending.send_batch,
-        ],
-        max_concurrent_activities=settings.worker_max_concurrent_activities,
-        graceful_shutdown_timeout=timedelta(seconds=settings.worker_graceful_shutdown_seconds),
-        workflow_task_executor=ThreadPoolExecutor(max_workers=4),
-    )
+    queues: Iterable[str] = ("campaigns", "maintenance"),
+) -> list[Worker]:
+    """Workers for the requested roles.
+
+    ``campaigns`` runs the campaign workflow and its activities on
+    ``settings.task_queue``; ``maintenance`` runs the scheduled refresh of first-party
+    orgs on its own task queue, so the send path never runs it.
+    """
+    workers = []
+    roles = set(queues)
+    unknown = roles - {"campaigns", "maintenance"}
+    if unknown:
+        raise RuntimeError(
+            f"unknown worker queue(s) {', '.join(sorted(unknown))}; use campaigns, maintenance"
+        )
+    if "campaigns" in roles:
+        planning = PlanningActivities(pool)
+        sending = SendingActivities(
+            pool,
+            provider,
+            SendingDomains(settings.shared_sending_domain, settings.shared_tracking_host),
+            refresh_first_party=lambda: refresh_once(client),
+        )
+        workers.append(
+            Worker(
+                client,
+                task_queue=settings.task_queue,
+                workflows=[CampaignWorkflow],
+                activities=[
+                    planning.prepare_campaign,
+                    planning.plan_batches,
+                    planning.abandon_failed,
+                    sending.send_batch,
+                ],
+                max_concurrent_activities=settings.worker_max_concurrent_activities,
+                graceful_shutdown_timeout=timedelta(
+                    seconds=settings.worker_graceful_shutdown_seconds
+                ),
+                workflow_task_executor=ThreadPoolExecutor(max_workers=4),
+            )
+        )
+    if "maintenance" in roles:
+        maintenance = MaintenanceActivities(pool)
+        workers.append(
+            Worker(
+                client,
+                task_queue=MAINTENANCE_TASK_QUEUE,
+                workflows=[RefreshFirstPartyOrgsWorkflow],
+                activities=[maintenance.refresh_first_party_orgs],
+                max_concurrent_activities=4,
+                graceful_shutdown_timeout=timedelta(
+                    seconds=settings.worker_graceful_shutdown_seconds
+                ),
+            )
+        )
+    return workers
+
+
+@asynccontextmanager
+async def running(workers: list[Worker]) -> AsyncIterator[None]:
+    """Run ``workers`` for the duration of the block; shut them down gracefully after."""
+    async with AsyncExitStack() as stack:
+        for worker in workers:
+            await stack.enter_async_context(worker)
+        yield
 
 
 def provider_from(settings: Settings) -> ProviderClient:
@@ -79,19 +131,21 @@ async def run(settings: Settings) -> None:
     try:
         await db.require_current_schema(pool)
         client = await connect(settings)
-        worker = build_worker(client, settings, pool, provider)
+        queues = [q.strip() for q in settings.worker_queues.split(",") if q.strip()]
+        workers = build_workers(client, settings, pool, provider, queues)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         log.info(
             "worker started",
+            queues=queues,
             task_queue=settings.task_queue,
             temporal=settings.temporal_address,
             namespace=settings.temporal_namespace,
             provider=settings.provider_base_url,
         )
-        async with worker:
+        async with running(workers):
             await stop.wait()
             log.info("worker stopping: finishing in-flight activities")
         log.info("worker stopped")

@@ -1,6 +1,7 @@
 """Temporal activities: everything that touches PostgreSQL or the email provider."""
 
+from activities.maintenance import MaintenanceActivities
 from activities.planning import PlanningActivities
 from activities.sending import SendingActivities
 
-__all__ = ["PlanningActivities", "SendingActivities"]
+__all__ = ["MaintenanceActivities", "PlanningActivities", "SendingActivities"]

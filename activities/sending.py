@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -28,6 +29,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from campaigns.addresses import is_valid_address
+from campaigns.first_party import FirstPartySnapshotCache
 from campaigns.models import BatchOutcome, CampaignSpec, DeliveryStatus, SendBatchInput
 from campaigns.provider import (
     ProviderAuthError,
@@ -37,6 +39,7 @@ from campaigns.provider import (
     ReplyKind,
     request_key,
 )
+from campaigns.sender_identity import SenderIdentity, SendingDomains, sender_identity, track_links
 from campaigns.templates import CompiledTemplate, compile_template
 
 log = structlog.get_logger(__name__)
@@ -96,38 +99,47 @@ WHERE d.status <> 'sent'
 class _Campaign:
     """A campaign's templates, compiled once per worker process."""
 
+    campaign_id: str
     org: str
     sender: str
+    verified_domain: str | None
     reply_to: str | None
     subject: CompiledTemplate
     html: CompiledTemplate | None
+    html_has_links: bool
     text: CompiledTemplate | None
     tags: list[dict[str, str]]
 
     @classmethod
-    def from_spec(cls, spec: CampaignSpec) -> _Campaign:
+    def from_spec(cls, spec: CampaignSpec, verified_domain: str | None) -> _Campaign:
         tags = [{"name": "campaign", "value": _tag_value(spec.campaign_id)}]
         tags += [{"name": _tag_value(k), "value": _tag_value(v)} for k, v in spec.tags.items()]
         return cls(
+            campaign_id=spec.campaign_id,
             org=spec.org,
             sender=spec.from_address,
+            verified_domain=verified_domain,
             reply_to=spec.reply_to,
             subject=compile_template(spec.subject),
             html=compile_template(spec.html, html_body=True) if spec.html else None,
+            html_has_links="href=" in (spec.html or ""),
             text=compile_template(spec.text) if spec.text else None,
             tags=tags,
         )
 
-    def render(self, row: asyncpg.Record) -> dict[str, object]:
+    def render(self, row: asyncpg.Record, identity: SenderIdentity) -> dict[str, object]:
         values = {**row["merge_fields"], "email": row["email"], "name": row["name"]}
         email: dict[str, object] = {
-            "from": self.sender,
+            "from": identity.from_address,
             "to": [row["email"]],
             "subject": self.subject.render(values),
             "tags": self.tags,
         }
         if self.html:
-            email["html"] = self.html.render(values)
+            body = self.html.render(values)
+            if self.html_has_links:
+                body = track_links(body, identity, self.campaign_id, row["id"])
+            email["html"] = body
         if self.text:
             email["text"] = self.text.render(values)
         if self.reply_to:
@@ -169,28 +181,62 @@ class _Outcomes:
 class SendingActivities:
     """The batch-send activity; holds the worker's pool and shared provider client."""
 
-    def __init__(self, pool: asyncpg.Pool, provider: ProviderClient) -> None:
-        """Share ``pool`` and ``provider`` across all batches of this process."""
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        provider: ProviderClient,
+        domains: SendingDomains,
+        refresh_first_party: Callable[[], Awaitable[object]] | None = None,
+    ) -> None:
+        """Share ``pool`` and ``provider`` across all batches of this process.
+
+        ``refresh_first_party`` runs one first-party refresh (on the maintenance task
+        queue) and is called only when no snapshot was ever published.
+        """
         self._pool = pool
         self._provider = provider
+        self._domains = domains
+        self._refresh_first_party = refresh_first_party
+        self._first_party = FirstPartySnapshotCache(pool)
+        self._bootstrap = asyncio.Lock()
         self._campaigns: OrderedDict[tuple[str, str], _Campaign] = OrderedDict()
 
     async def _campaign(self, campaign_id: str, execution_id: str) -> _Campaign:
         key = (campaign_id, execution_id)
         cached = self._campaigns.get(key)
         if cached is None:
-            spec_json = await self._pool.fetchval(
-                "SELECT spec FROM campaigns WHERE id = $1", campaign_id
+            row = await self._pool.fetchrow(
+                """SELECT c.spec, o.verified_domain FROM campaigns c
+                   JOIN orgs o ON o.id = c.org_id WHERE c.id = $1""",
+                campaign_id,
             )
-            if spec_json is None:
+            if row is None:
                 raise ApplicationError(
                     f"campaign '{campaign_id}' was not prepared", non_retryable=True
                 )
-            cached = _Campaign.from_spec(CampaignSpec.model_validate(spec_json))
+            spec = CampaignSpec.model_validate(row["spec"])
+            cached = _Campaign.from_spec(spec, row["verified_domain"])
             self._campaigns[key] = cached
             while len(self._campaigns) > 64:
                 self._campaigns.popitem(last=False)
         return cached
+
+    async def _identity(self, campaign: _Campaign) -> SenderIdentity:
+        """Decide the batch's sender from the current first-party snapshot."""
+        snapshot = await self._first_party.current()
+        if snapshot is None and self._refresh_first_party is not None:
+            async with self._bootstrap:  # one refresh per process, shared across workers
+                snapshot = await self._first_party.current()
+                if snapshot is None:
+                    log.info("no first-party snapshot yet: running one refresh")
+                    await self._refresh_first_party()
+                    snapshot = await self._first_party.current()
+        return sender_identity(
+            campaign.sender,
+            first_party=snapshot is not None and campaign.org in snapshot.org_ids,
+            verified_domain=campaign.verified_domain,
+            domains=self._domains,
+        )
 
     @activity.defn
     async def send_batch(self, batch: SendBatchInput) -> BatchOutcome:
@@ -223,6 +269,7 @@ class SendingActivities:
         accepted = {} if accepted is None else accepted
         started = time.perf_counter()
         campaign = await self._campaign(batch.campaign_id, batch.execution_id)
+        identity = await self._identity(campaign)
         sql = _READ_AUDIENCE_RANGE if batch.source == "audience" else _READ_LEDGER_RANGE
         args: tuple[object, ...] = (
             batch.campaign_id,
@@ -269,7 +316,7 @@ class SendingActivities:
                 if fatal is not None or throttled_for is not None:
                     return  # leave unrecorded: the retry of this batch sends them
                 try:
-                    await self._send_group(batch.campaign_id, campaign, group, outcomes, accepted)
+                    await self._send_group(campaign, identity, group, outcomes, accepted)
                 except _Throttled as exc:
                     throttled_for = max(throttled_for or 0.0, exc.retry_after)
                 except ProviderAuthError as exc:
@@ -321,25 +368,27 @@ class SendingActivities:
             "batch done",
             **outcome.model_dump(exclude_none=True),
             requests=len(requests),
+            first_party=identity.first_party,
             seconds=round(time.perf_counter() - started, 3),
         )
         return outcome
 
     async def _send_group(
         self,
-        campaign_id: str,
         campaign: _Campaign,
+        identity: SenderIdentity,
         group: list[asyncpg.Record],
         outcomes: _Outcomes,
         accepted: dict[str, list[str]],
     ) -> None:
         """Send one provider request; on a 422, split it to isolate the refused recipients."""
         ids = [row["id"] for row in group]
-        key = request_key(campaign_id, ids)
+        key = request_key(campaign.campaign_id, ids)
         if key in accepted:
             reply = ProviderReply(ReplyKind.ACCEPTED, message_ids=accepted[key])
         else:
-            reply = await self._provider.send_batch([campaign.render(row) for row in group], key)
+            emails = [campaign.render(row, identity) for row in group]
+            reply = await self._provider.send_batch(emails, key)
         if reply.kind is ReplyKind.ACCEPTED:
             accepted[key] = reply.message_ids
             for recipient_id, message_id in zip(ids, reply.message_ids, strict=True):
@@ -348,8 +397,8 @@ class SendingActivities:
             raise _Throttled(reply.retry_after or 1.0)
         elif reply.kind is ReplyKind.REJECTED and len(group) > 1:
             middle = len(group) // 2
-            await self._send_group(campaign_id, campaign, group[:middle], outcomes, accepted)
-            await self._send_group(campaign_id, campaign, group[middle:], outcomes, accepted)
+            await self._send_group(campaign, identity, group[:middle], outcomes, accepted)
+            await self._send_group(campaign, identity, group[middle:], outcomes, accepted)
         else:
             status = (
                 DeliveryStatus.REJECTED

@@ -42,6 +42,7 @@ from campaigns.models import (  # noqa: E402
     SendBatchInput,
 )
 from campaigns.provider import ProviderClient  # noqa: E402
+from campaigns.sender_identity import SendingDomains  # noqa: E402
 
 
 @dataclass
@@ -110,7 +111,9 @@ async def run_plain_loop(
     api_key = _stack_api_key(bench)
     provider = ProviderClient(bench.state["provider_base_url"], SecretStr(api_key))
     planning = PlanningActivities(bench.pool)
-    sending = SendingActivities(bench.pool, provider)
+    settings = bench.settings
+    domains = SendingDomains(settings.shared_sending_domain, settings.shared_tracking_host)
+    sending = SendingActivities(bench.pool, provider, domains)
     counts = CampaignCounts()
     started = time.perf_counter()
     plan = await planning.prepare_campaign(spec)

@@ -47,6 +47,12 @@ class Settings(BaseSettings):
     provider_api_key: SecretStr | None = None
     provider_timeout_seconds: float = 30.0
     provider_max_connections: int = 32
+    shared_sending_domain: str = "mail.campaigns.example"
+    shared_tracking_host: str = "click.campaigns.example"
+    worker_queues: str = Field(
+        default="campaigns,maintenance",
+        description="Comma-separated: 'campaigns' (sending), 'maintenance' (scheduled jobs).",
+    )
     worker_max_concurrent_activities: int = 64
     worker_graceful_shutdown_seconds: float = 30.0
     log_format: Literal["auto", "json", "console"] = "auto"

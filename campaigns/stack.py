@@ -25,9 +25,11 @@ from pathlib import Path
 
 import httpx
 import structlog
+from temporalio.client import Client
 
 from campaigns import db
 from campaigns.binaries import temporal_cli
+from campaigns.schedules import apply_refresh_schedule
 from campaigns.search_attributes import cli_flags
 from campaigns.settings import STACK_FILE_NAME
 
@@ -213,6 +215,8 @@ class LocalStack:
             {**base_env, "SIMULATOR_API_KEYS": api_key},
         )
         await _wait_for(lambda: _temporal_ready(temporal_address, config.namespace), "Temporal")
+        client = await Client.connect(temporal_address, namespace=config.namespace)
+        log.info("schedule", first_party_refresh=await apply_refresh_schedule(client))
         await _wait_for(lambda: _http_ready(f"{simulator_url}/health"), "provider simulator")
 
         worker_env = {
@@ -314,8 +318,6 @@ async def _wait_for(check, what: str, within: float = READY_TIMEOUT_SECONDS):  #
 
 
 async def _temporal_ready(address: str, namespace: str) -> None:
-    from temporalio.client import Client
-
     client = await Client.connect(address, namespace=namespace)
     await client.count_workflows()  # also proves the search attributes and visibility are up
 

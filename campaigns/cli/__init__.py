@@ -12,6 +12,7 @@ from pathlib import Path
 from rich.console import Console
 
 from campaigns.audience_import import ImportFailed
+from campaigns.cli import _schedules as schedules
 from campaigns.cli._campaign import (
     CommandError,
     cmd_cancel,
@@ -30,6 +31,7 @@ from campaigns.cli._data import (
     cmd_audience_list,
     cmd_migrate,
     cmd_org_add,
+    cmd_org_flag,
     cmd_org_list,
     cmd_suppress,
 )
@@ -91,9 +93,14 @@ def _parser() -> argparse.ArgumentParser:
     group = add("db", None, "database schema").add_subparsers(dest="db_command", required=True)
     add("migrate", cmd_migrate, "apply pending schema migrations", group)
     group = add("org", None, "orgs").add_subparsers(dest="org_command", required=True)
-    sub = add("add", cmd_org_add, "add (or rename) an org", group)
+    sub = add("add", cmd_org_add, "add (or update) an org", group)
     sub.add_argument("org_id", metavar="ORG")
     sub.add_argument("--name")
+    sub.add_argument("--verified-domain", help="the org's own verified sending domain")
+    sub = add("flag", cmd_org_flag, "set an org's feature flag", group)
+    sub.add_argument("org_id", metavar="ORG")
+    sub.add_argument("flag", metavar="FLAG", help="e.g. first_party")
+    sub.add_argument("state", choices=["on", "off"])
     add("list", cmd_org_list, "list orgs", group)
     group = add("audience", None, "audiences").add_subparsers(dest="aud_command", required=True)
     sub = add("import", cmd_audience_import, "import recipients from a CSV file", group)
@@ -108,6 +115,17 @@ def _parser() -> argparse.ArgumentParser:
         "--reason", default="unsubscribed", choices=["unsubscribed", "bounced", "complained"]
     )
     sub.add_argument("emails", nargs="+", metavar="EMAIL")
+
+    # schedules
+    group = add("schedules", None, "the hourly first-party org refresh schedule")
+    group = group.add_subparsers(dest="schedules_cmd", required=True)
+    add("apply", schedules.cmd_apply, "create or update the schedule (idempotent)", group)
+    add("trigger", schedules.cmd_trigger, "run a refresh now", group)
+    sub = add("pause", schedules.cmd_pause, "pause the schedule", group)
+    sub.add_argument("--note")
+    sub = add("unpause", schedules.cmd_unpause, "unpause the schedule", group)
+    sub.add_argument("--note")
+    add("describe", schedules.cmd_describe, "show the schedule and its runs", group)
 
     # local stack
     group = add("stack", None, "the local stack").add_subparsers(dest="stack_cmd", required=True)

@@ -28,18 +28,42 @@ async def cmd_migrate(args: Namespace, settings: Settings, console: Console) -> 
 
 
 async def cmd_org_add(args: Namespace, settings: Settings, console: Console) -> int:
-    """``campaigns org add ID [--name NAME]`` (idempotent)."""
+    """``campaigns org add ID [--name NAME] [--verified-domain DOMAIN]`` (idempotent)."""
     conn = await db.connect(settings.require_database_url())
     try:
         await conn.execute(
-            """INSERT INTO orgs (id, name) VALUES ($1, $2)
-               ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name""",
+            """INSERT INTO orgs (id, name, verified_domain) VALUES ($1, $2, $3)
+               ON CONFLICT (id) DO UPDATE SET
+                   name = coalesce($4, orgs.name),
+                   verified_domain = coalesce(EXCLUDED.verified_domain, orgs.verified_domain)""",
             args.org_id,
             args.name or args.org_id,
+            args.verified_domain,
+            args.name,
         )
     finally:
         await conn.close()
     console.print(f"org [bold]{args.org_id}[/] ready")
+    return 0
+
+
+async def cmd_org_flag(args: Namespace, settings: Settings, console: Console) -> int:
+    """``campaigns org flag ORG FLAG on|off``; first_party takes effect at the next refresh."""
+    conn = await db.connect(settings.require_database_url())
+    try:
+        if await conn.fetchval("SELECT id FROM orgs WHERE id = $1", args.org_id) is None:
+            raise CommandError(f"unknown org '{args.org_id}'", code=2)
+        await conn.execute(
+            """INSERT INTO org_feature_flags (org_id, flag, state) VALUES ($1, $2, $3)
+               ON CONFLICT (org_id, flag)
+               DO UPDATE SET state = EXCLUDED.state, updated_at = now()""",
+            args.org_id,
+            args.flag,
+            args.state,
+        )
+    finally:
+        await conn.close()
+    console.print(f"org [bold]{args.org_id}[/]: {args.flag} {args.state}")
     return 0
 
 
