@@ -140,6 +140,9 @@ async def test_stack_runs_the_demo_stops_on_ctrl_c_and_keeps_history(
     async with httpx.AsyncClient() as http:
         ui = await http.get(f"http://127.0.0.1:{ports['ui']}/")
         assert ui.status_code == 200
+    code, out, err = await run_cli(env, "schedules", "describe")
+    assert code == 0, err
+    assert "first-party-orgs-refresh" in out and "every        1:00:00" in out
     code, out, err = await run_cli(env, "demo", "--recipients", "300")
     assert code == 0, out + err
     assert "300 emails accepted for 300 recipients" in " ".join(out.split())
