@@ -107,7 +107,9 @@ class CampaignWorkflow:
             status = carried.status
             status.runs += 1
         self._status: CampaignStatus = status
-        self._in_flight: set[asyncio.Task[BatchOutcome]] = set()
+        # A list, not a set: finished batches are folded in start order, the same on
+        # every replay (a set of tasks iterates in memory-address order).
+        self._in_flight: list[asyncio.Task[BatchOutcome]] = []
         self._samples: deque[tuple[float, int]] = deque()
         self._published_progress = -1
         self._wake = 0  # bumped by every control change so that waits look again
@@ -287,7 +289,7 @@ class CampaignWorkflow:
             except TimeoutError:
                 pass  # the rate limit allows the next batch now
             done = [task for task in self._in_flight if task.done()]
-            self._in_flight.difference_update(done)
+            self._in_flight = [task for task in self._in_flight if not task.done()]
             failure = self._collect(done) or failure
 
     def _out_of_budget(self, spec: CampaignSpec, started_here: int) -> bool:
@@ -310,7 +312,7 @@ class CampaignWorkflow:
             range=batch_range,
             batch_size=spec.batch_size,
         )
-        self._in_flight.add(
+        self._in_flight.append(
             asyncio.ensure_future(
                 workflow.execute_activity_method(
                     SendingActivities.send_batch,
@@ -338,8 +340,8 @@ class CampaignWorkflow:
     async def _drain(self) -> None:
         """Wait for every in-flight batch and fold in what it did."""
         if self._in_flight:
-            done, _ = await workflow.wait(self._in_flight)
-            self._in_flight = set()
+            await workflow.wait(self._in_flight)
+            done, self._in_flight = self._in_flight, []
             self._collect(done)
 
     # -- status -------------------------------------------------------------------------
