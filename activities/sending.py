@@ -7,9 +7,11 @@ statement. Retrying a batch is always safe:
 
 * recipients the ledger records as sent are never sent again;
 * a provider request is identified by an idempotency key derived from its
-  recipients, and soft-failed recipients are re-sent in the same groups, so a
-  request the provider accepted before a crash or a lost answer is replayed by the
-  provider rather than delivered twice;
+  recipients, and is recorded (planned) before it is sent; a retry re-sends planned
+  and soft-failed requests whole under the same keys, so a request the provider
+  accepted before a crash or a lost answer is replayed by the provider rather than
+  delivered twice, even if a recipient was suppressed or the body changed meanwhile
+  (the provider then answers 409 for a key it accepted, which counts as sent);
 * counts are derived from the ledger, so a retried batch reports what the first
   attempt did instead of counting it twice.
 """
@@ -35,7 +37,6 @@ from campaigns.provider import (
     ProviderAuthError,
     ProviderClient,
     ProviderConfigError,
-    ProviderReply,
     ReplyKind,
     request_key,
 )
@@ -73,13 +74,31 @@ WHERE d.campaign_id = $1 AND r.audience_id = $3
   AND (d.status IN ('failed', 'abandoned') OR (d.execution_id = $6 AND d.round = $7))
 ORDER BY d.recipient_id
 """
-# One round trip for the whole batch; a row already 'sent' is never overwritten.
+_PLAN_COLUMNS = (
+    "campaign_id",
+    "execution_id",
+    "round",
+    "batch_last_id",
+    "request_key",
+    "recipient_ids",
+)
+_READ_PLAN = """
+SELECT request_key, recipient_ids FROM provider_requests
+WHERE campaign_id = $1 AND execution_id = $2 AND round = $3 AND batch_last_id = $4
+ORDER BY id
+"""
+# One round trip for the whole batch: outcomes in, the batch's plan out. A row
+# already 'sent' is never overwritten.
 _RECORD = """
+WITH planned AS (
+    DELETE FROM provider_requests
+    WHERE campaign_id = $1 AND execution_id = $2 AND round = $3 AND batch_last_id = $4
+)
 INSERT INTO deliveries AS d (campaign_id, recipient_id, status, execution_id, round,
                              provider_message_id, request_key, last_error, sent_at)
 SELECT $1, o.recipient_id, o.status::delivery_status, $2, $3, o.message_id, o.request_key,
        o.error, CASE WHEN o.status = 'sent' THEN now() END
-FROM unnest($4::bigint[], $5::text[], $6::text[], $7::text[], $8::text[])
+FROM unnest($5::bigint[], $6::text[], $7::text[], $8::text[], $9::text[])
      AS o(recipient_id, status, message_id, request_key, error)
 ON CONFLICT (campaign_id, recipient_id) DO UPDATE SET
     status = EXCLUDED.status,
@@ -152,6 +171,22 @@ def _tag_value(value: str) -> str:
     return "".join(c if c.isascii() and (c.isalnum() or c in "_-") else "_" for c in value)[:256]
 
 
+_Accepted = dict[str, list[tuple[int, str]]]
+"""Request key -> (recipient id, message id) of each email the provider accepted."""
+
+
+def _plan_scope(batch: SendBatchInput) -> tuple[str, str, int, int]:
+    return batch.campaign_id, batch.execution_id, batch.round, batch.range.last_id
+
+
+@dataclass(frozen=True, slots=True)
+class _Request:
+    """One provider request: its idempotency key and the recipients it carries."""
+
+    key: str
+    members: list[asyncpg.Record]
+
+
 @dataclass
 class _Outcomes:
     """Outcomes decided by this attempt, in the ledger's column layout."""
@@ -161,6 +196,8 @@ class _Outcomes:
     message_ids: list[str | None] = field(default_factory=list)
     keys: list[str | None] = field(default_factory=list)
     errors: list[str | None] = field(default_factory=list)
+    last_code: str | None = None
+    """The last error in a form that names no recipient: it goes to workflow history."""
 
     def add(
         self,
@@ -170,12 +207,15 @@ class _Outcomes:
         message_id: str | None = None,
         key: str | None = None,
         error: str | None = None,
+        code: str | None = None,
     ) -> None:
         self.ids.append(recipient_id)
         self.statuses.append(status.value)
         self.message_ids.append(message_id)
         self.keys.append(key)
         self.errors.append(error)
+        if error:
+            self.last_code = code or error
 
 
 class SendingActivities:
@@ -249,23 +289,33 @@ class SendingActivities:
                 slow down (what was sent is recorded first).
         """
         label = f"r{batch.round}:{batch.range.after_id + 1}-{batch.range.last_id}"
+        info = activity.info()
         with structlog.contextvars.bound_contextvars(campaign_id=batch.campaign_id, batch=label):
             # Requests an earlier attempt saw accepted (from its heartbeats) are not
             # sent again: a batch cut short by a dead worker resumes where it was.
-            details = activity.info().heartbeat_details
-            accepted: dict[str, list[str]] = dict(details[0]) if details else {}
+            details = info.heartbeat_details
+            accepted: _Accepted = dict(details[0]) if details else {}
             if accepted:
                 log.info("resuming batch", accepted_requests=len(accepted))
             heartbeat = asyncio.create_task(_heartbeat_until_done(accepted))
             try:
-                return await self._send_batch(batch, accepted)
+                return await self._send_batch(batch, accepted, first_attempt=info.attempt == 1)
             finally:
                 heartbeat.cancel()
 
     async def _send_batch(
-        self, batch: SendBatchInput, accepted: dict[str, list[str]] | None = None
+        self,
+        batch: SendBatchInput,
+        accepted: _Accepted | None = None,
+        *,
+        first_attempt: bool = True,
     ) -> BatchOutcome:
-        """Send one batch; ``accepted`` maps request keys already accepted to message ids."""
+        """Send one batch.
+
+        ``accepted`` maps the keys of requests already accepted to (recipient id,
+        message id) pairs; after the first attempt, the requests an earlier attempt
+        planned are read back and sent again as they were.
+        """
         accepted = {} if accepted is None else accepted
         started = time.perf_counter()
         campaign = await self._campaign(batch.campaign_id, batch.execution_id)
@@ -281,6 +331,11 @@ class SendingActivities:
         if batch.source == "ledger":
             args += (batch.execution_id, batch.round)
         rows = await self._pool.fetch(sql, *args)
+        # The last request planned for a recipient wins (a 422 split plans smaller ones).
+        planned: dict[int, str] = {}
+        if not first_attempt:
+            for plan in await self._pool.fetch(_READ_PLAN, *_plan_scope(batch)):
+                planned.update(dict.fromkeys(plan["recipient_ids"], plan["request_key"]))
 
         counts = {status: 0 for status in DeliveryStatus}
         skipped = 0
@@ -291,32 +346,41 @@ class SendingActivities:
             status = row["status"]
             if row["execution_id"] == batch.execution_id and row["round"] == batch.round:
                 counts[DeliveryStatus(status)] += 1  # decided by an earlier attempt
-            elif status == DeliveryStatus.SENT:
+                continue
+            if status == DeliveryStatus.SENT:
                 skipped += 1  # delivered by an earlier execution of this campaign
+                continue
+            # A recipient that an earlier request may have reached goes out again in
+            # that request, under its key, so the provider can replay it.
+            key = planned.get(row["id"]) or (row["request_key"] if status in _RETRIED else None)
+            if key:
+                groups.setdefault(key, []).append(row)
             elif row["suppressed"]:
                 outcomes.add(row["id"], DeliveryStatus.SUPPRESSED)
             elif not is_valid_address(row["email"]):
                 outcomes.add(row["id"], DeliveryStatus.REJECTED, error="invalid email address")
-            elif status in _RETRIED and row["request_key"]:
-                groups.setdefault(row["request_key"], []).append(row)  # re-send as it was
             else:
                 fresh.append(row)
-        requests = list(groups.values())
-        requests += [
-            fresh[i : i + batch.batch_size] for i in range(0, len(fresh), batch.batch_size)
+        new = [
+            _Request(request_key(campaign.campaign_id, [row["id"] for row in chunk]), chunk)
+            for chunk in (
+                fresh[i : i + batch.batch_size] for i in range(0, len(fresh), batch.batch_size)
+            )
         ]
+        await self._plan(batch, new)
+        requests = [_Request(key, members) for key, members in groups.items()] + new
 
         throttled_for: float | None = None
         fatal: ApplicationError | None = None
         limit = asyncio.Semaphore(REQUESTS_IN_FLIGHT_PER_BATCH)
 
-        async def send(group: list[asyncpg.Record]) -> None:
+        async def send(request: _Request) -> None:
             nonlocal throttled_for, fatal
             async with limit:
                 if fatal is not None or throttled_for is not None:
                     return  # leave unrecorded: the retry of this batch sends them
                 try:
-                    await self._send_group(campaign, identity, group, outcomes, accepted)
+                    await self._send_request(batch, campaign, identity, request, outcomes, accepted)
                 except _Throttled as exc:
                     throttled_for = max(throttled_for or 0.0, exc.retry_after)
                 except ProviderAuthError as exc:
@@ -326,20 +390,19 @@ class SendingActivities:
                         str(exc), type=PROVIDER_CONFIG_ERROR, non_retryable=True
                     )
 
-        await asyncio.gather(*(send(group) for group in requests))
+        await asyncio.gather(*(send(request) for request in requests))
 
-        if outcomes.ids:
-            await self._pool.execute(
-                _RECORD,
-                batch.campaign_id,
-                batch.execution_id,
-                batch.round,
-                outcomes.ids,
-                outcomes.statuses,
-                outcomes.message_ids,
-                outcomes.keys,
-                outcomes.errors,
-            )
+        # Outcomes in, plan out, in one statement: what was not recorded now was
+        # never sent (throttled or stopped) and is planned afresh by the retry.
+        await self._pool.execute(
+            _RECORD,
+            *_plan_scope(batch),
+            outcomes.ids,
+            outcomes.statuses,
+            outcomes.message_ids,
+            outcomes.keys,
+            outcomes.errors,
+        )
         if fatal is not None:
             log.error("batch stopped", error=fatal.message)
             raise fatal
@@ -351,18 +414,15 @@ class SendingActivities:
                 next_retry_delay=timedelta(seconds=max(throttled_for, 0.1)),
             )
 
-        last_error = None
-        for status, error in zip(outcomes.statuses, outcomes.errors, strict=True):
+        for status in outcomes.statuses:
             counts[DeliveryStatus(status)] += 1
-            if error and status != DeliveryStatus.SENT:
-                last_error = error
         outcome = BatchOutcome(
             sent=counts[DeliveryStatus.SENT],
             failed=counts[DeliveryStatus.FAILED],
             rejected=counts[DeliveryStatus.REJECTED],
             suppressed=counts[DeliveryStatus.SUPPRESSED],
             skipped=skipped,
-            last_error=last_error,
+            last_error=outcomes.last_code,
         )
         log.info(
             "batch done",
@@ -373,40 +433,85 @@ class SendingActivities:
         )
         return outcome
 
-    async def _send_group(
+    async def _plan(self, batch: SendBatchInput, requests: list[_Request]) -> None:
+        """Record requests before they are sent (see migration 0003)."""
+        if requests:
+            scope = _plan_scope(batch)
+            await self._pool.copy_records_to_table(
+                "provider_requests",
+                columns=_PLAN_COLUMNS,
+                records=[
+                    (*scope, request.key, [row["id"] for row in request.members])
+                    for request in requests
+                ],
+            )
+
+    async def _send_request(
         self,
+        batch: SendBatchInput,
         campaign: _Campaign,
         identity: SenderIdentity,
-        group: list[asyncpg.Record],
+        request: _Request,
         outcomes: _Outcomes,
-        accepted: dict[str, list[str]],
+        accepted: _Accepted,
     ) -> None:
-        """Send one provider request; on a 422, split it to isolate the refused recipients."""
-        ids = [row["id"] for row in group]
-        key = request_key(campaign.campaign_id, ids)
-        if key in accepted:
-            reply = ProviderReply(ReplyKind.ACCEPTED, message_ids=accepted[key])
-        else:
-            emails = [campaign.render(row, identity) for row in group]
-            reply = await self._provider.send_batch(emails, key)
+        """Send one provider request and record its members' outcomes.
+
+        Members suppressed since the request was first planned are left out of its
+        body but keep its key. On a 422 the request is split in halves, planned and
+        sent, until the refused recipients are isolated.
+        """
+        members, key = request.members, request.key
+        body = [row for row in members if not row["suppressed"]]
+        if key in accepted:  # accepted before this attempt: (recipient, message id) pairs
+            message_ids = dict(accepted[key])
+            for row in members:
+                message_id = message_ids.get(row["id"])
+                if message_id is None:  # left out of that body: suppressed then
+                    outcomes.add(row["id"], DeliveryStatus.SUPPRESSED)
+                else:
+                    outcomes.add(row["id"], DeliveryStatus.SENT, message_id=message_id, key=key)
+            return
+        if not body:
+            for row in members:
+                outcomes.add(row["id"], DeliveryStatus.SUPPRESSED)
+            return
+        emails = [campaign.render(row, identity) for row in body]
+        reply = await self._provider.send_batch(emails, key)
         if reply.kind is ReplyKind.ACCEPTED:
-            accepted[key] = reply.message_ids
-            for recipient_id, message_id in zip(ids, reply.message_ids, strict=True):
+            accepted[key] = [
+                (row["id"], message_id)
+                for row, message_id in zip(body, reply.message_ids, strict=True)
+            ]
+            for recipient_id, message_id in accepted[key]:
                 outcomes.add(recipient_id, DeliveryStatus.SENT, message_id=message_id, key=key)
+            for row in members:
+                if row["suppressed"]:
+                    outcomes.add(row["id"], DeliveryStatus.SUPPRESSED)
+        elif reply.kind is ReplyKind.ACCEPTED_EARLIER:
+            # The provider holds an accepted request under this key: everyone it
+            # carried was sent, whatever the body looks like now.
+            for row in members:
+                outcomes.add(row["id"], DeliveryStatus.SENT, key=key)
         elif reply.kind is ReplyKind.THROTTLED:
             raise _Throttled(reply.retry_after or 1.0)
-        elif reply.kind is ReplyKind.REJECTED and len(group) > 1:
-            middle = len(group) // 2
-            await self._send_group(campaign, identity, group[:middle], outcomes, accepted)
-            await self._send_group(campaign, identity, group[middle:], outcomes, accepted)
+        elif reply.kind is ReplyKind.REJECTED and len(members) > 1:
+            middle = len(members) // 2
+            halves = [
+                _Request(request_key(campaign.campaign_id, [row["id"] for row in half]), half)
+                for half in (members[:middle], members[middle:])
+            ]
+            await self._plan(batch, halves)
+            for half in halves:
+                await self._send_request(batch, campaign, identity, half, outcomes, accepted)
         else:
             status = (
                 DeliveryStatus.REJECTED
                 if reply.kind is ReplyKind.REJECTED
                 else DeliveryStatus.FAILED
             )
-            for recipient_id in ids:
-                outcomes.add(recipient_id, status, key=key, error=reply.error)
+            for row in members:
+                outcomes.add(row["id"], status, key=key, error=reply.error, code=reply.code)
 
 
 class _Throttled(Exception):
@@ -414,7 +519,7 @@ class _Throttled(Exception):
         self.retry_after = retry_after
 
 
-async def _heartbeat_until_done(accepted: dict[str, list[str]]) -> None:
+async def _heartbeat_until_done(accepted: _Accepted) -> None:
     """Heartbeat often enough that a dead worker's batch is retried within seconds.
 
     The details are the requests accepted so far, for a retry to resume from.

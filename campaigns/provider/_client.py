@@ -36,6 +36,9 @@ class ReplyKind(StrEnum):
     """How the provider answered one batch request."""
 
     ACCEPTED = "accepted"
+    # 409 invalid_idempotent_request: the provider already accepted a request under this
+    # key (it keeps only accepted ones), with a body that has changed since.
+    ACCEPTED_EARLIER = "accepted_earlier"
     REJECTED = "rejected"  # permanent for this content (400/422)
     SOFT_FAILURE = "soft_failure"  # 5xx, 409 in-progress, timeouts, connection errors
     THROTTLED = "throttled"  # 429: not a failure, come back after retry_after
@@ -48,6 +51,10 @@ class ProviderReply:
     kind: ReplyKind
     message_ids: list[str] = field(default_factory=list)
     error: str | None = None
+    """The whole answer, for the ledger (may quote recipient addresses)."""
+    code: str | None = None
+    """A short form that names no recipient (``HTTP 422 validation_error``), for the
+    workflow's status and history."""
     retry_after: float | None = None
 
 
@@ -74,6 +81,19 @@ def _retry_after_seconds(value: str | None, default: float = 1.0) -> float:
     except (TypeError, ValueError):
         return default
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def _error_name(response: httpx.Response) -> str | None:
+    try:
+        name = response.json().get("name")
+    except (ValueError, AttributeError):
+        return None
+    return name if isinstance(name, str) else None
+
+
+def _error_code(response: httpx.Response) -> str:
+    name = _error_name(response)
+    return f"HTTP {response.status_code}" + (f" {name}" if name else "")
 
 
 def _error_message(response: httpx.Response) -> str:
@@ -133,18 +153,21 @@ class ProviderClient:
                     "/emails/batch", content=body, headers={"Idempotency-Key": idempotency_key}
                 )
         except httpx.TimeoutException as exc:
-            return ProviderReply(ReplyKind.SOFT_FAILURE, error=f"timeout: {type(exc).__name__}")
+            error = f"timeout: {type(exc).__name__}"
+            return ProviderReply(ReplyKind.SOFT_FAILURE, error=error, code=error)
         except httpx.TransportError as exc:
-            return ProviderReply(ReplyKind.SOFT_FAILURE, error=f"connection error: {exc!r}")
+            return ProviderReply(
+                ReplyKind.SOFT_FAILURE,
+                error=f"connection error: {exc!r}",
+                code=f"connection error: {type(exc).__name__}",
+            )
 
         status = response.status_code
         if status == 200:
             ids = [item["id"] for item in orjson.loads(response.content)["data"]]
             if len(ids) != len(emails):
-                return ProviderReply(
-                    ReplyKind.SOFT_FAILURE,
-                    error=f"provider returned {len(ids)} ids for {len(emails)} emails",
-                )
+                error = f"provider returned {len(ids)} ids for {len(emails)} emails"
+                return ProviderReply(ReplyKind.SOFT_FAILURE, error=error, code=error)
             return ProviderReply(ReplyKind.ACCEPTED, message_ids=ids)
         if status in (401, 403):
             raise ProviderAuthError(
@@ -156,12 +179,17 @@ class ProviderClient:
                 f"email provider has no batch endpoint at {response.request.url} "
                 f"({_error_message(response)}); check PROVIDER_BASE_URL"
             )
+        error, code = _error_message(response), _error_code(response)
         if status == 429:
             return ProviderReply(
                 ReplyKind.THROTTLED,
-                error=_error_message(response),
+                error=error,
+                code=code,
                 retry_after=_retry_after_seconds(response.headers.get("retry-after")),
             )
+        if status == 409 and _error_name(response) == "invalid_idempotent_request":
+            return ProviderReply(ReplyKind.ACCEPTED_EARLIER, error=error, code=code)
         if status in (400, 422):
-            return ProviderReply(ReplyKind.REJECTED, error=_error_message(response))
-        return ProviderReply(ReplyKind.SOFT_FAILURE, error=_error_message(response))
+            return ProviderReply(ReplyKind.REJECTED, error=error, code=code)
+        # 5xx, and 409 concurrent_idempotent_requests (the first is still in progress).
+        return ProviderReply(ReplyKind.SOFT_FAILURE, error=error, code=code)
