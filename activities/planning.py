@@ -17,6 +17,8 @@ from campaigns.spec_check import InvalidSpec, check_against_database
 log = structlog.get_logger(__name__)
 
 INVALID_SPEC_ERROR = "InvalidCampaignSpec"
+MAX_PAGE_ROWS = 100_000
+"""Most recipient ids one page reads, whatever the window and batch size ask for."""
 
 _PAGE_AUDIENCE = """
 SELECT id, NULL AS request_key FROM recipients
@@ -98,7 +100,8 @@ class PlanningActivities:
             sql, scope = _PAGE_AUDIENCE, request.audience_id
         else:
             sql, scope = _PAGE_LEDGER, request.campaign_id
-        limit = request.batch_size * request.max_batches
+        batches = max(1, min(request.max_batches, MAX_PAGE_ROWS // request.batch_size))
+        limit = request.batch_size * batches
         rows = await self._pool.fetch(sql, scope, request.after_id, limit)
         return cut_into_batches(
             [(row["id"], row["request_key"]) for row in rows],

@@ -34,6 +34,7 @@ from campaigns.settings import Settings
 from campaigns.spec_check import check_against_database
 from campaigns.temporal import WORKFLOW_TYPE, connect
 from workflows import CampaignWorkflow
+from workflows.campaign import FINAL_STATUS_MEMO
 
 
 class CampaignClientError(RuntimeError):
@@ -107,7 +108,8 @@ class CampaignClient:
             ) from None
 
     async def status(self, workflow_id: str) -> CampaignStatus:
-        """The campaign's status: its result once completed, else its ``status`` query."""
+        """The campaign's status: once closed, the summary it ended with (no worker
+        needed); while it runs, its ``status`` query."""
         handle = self.temporal.get_workflow_handle(workflow_id, result_type=CampaignStatus)
         try:
             description = await handle.describe()
@@ -115,6 +117,10 @@ class CampaignClient:
             if exc.status == RPCStatusCode.NOT_FOUND:
                 raise CampaignNotFound(f"no campaign workflow with id '{workflow_id}'") from None
             raise
+        if description.status != WorkflowExecutionStatus.RUNNING:
+            final = await description.memo_value(FINAL_STATUS_MEMO, None, type_hint=CampaignStatus)
+            if final is not None:
+                return final
         if description.status == WorkflowExecutionStatus.COMPLETED:
             return await handle.result()
         try:

@@ -10,16 +10,18 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
+    computed_field,
     field_validator,
     model_validator,
 )
+from typing_extensions import TypeAliasType
 
 from campaigns.addresses import parse_sender
 from campaigns.templates import fields_used
@@ -266,6 +268,7 @@ class CampaignStatus(BaseModel):
         """True once the campaign can change no more."""
         return self.state in FINAL_STATES
 
+    @computed_field  # type: ignore[prop-decorator]  # in the result the Web UI shows
     @property
     def not_attempted(self) -> int:
         """Recipients no batch has reached yet (after a cancel: never sent)."""
@@ -304,3 +307,13 @@ class CampaignInput(CampaignSpec):
     def continuing(cls, spec: CampaignSpec, carried: CarriedState) -> CampaignInput:
         """The input of the next run of a campaign."""
         return cls.model_validate({**spec.model_dump(), "carried": carried})
+
+
+CampaignRequest = TypeAliasType(
+    "CampaignRequest",
+    Annotated[CampaignInput | dict[str, Any], Field(union_mode="left_to_right")],
+)
+"""The workflow's input as decoded: a ``CampaignInput``, or the raw JSON object when it
+is not a valid spec (a start that skipped our validation, e.g. ``temporal workflow
+start``), so the workflow can fail at once naming the fields instead of failing every
+workflow task on decoding."""

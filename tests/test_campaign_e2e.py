@@ -137,6 +137,30 @@ async def test_provider_500_is_retried_to_success(
     assert attempts == 2
 
 
+async def test_provider_throttling_is_waited_out_and_never_counted_as_a_failure(
+    client: Client, pool: asyncpg.Pool, sim: SimulatorControl, tmp_path: Path
+) -> None:
+    org = await make_org(pool)
+    emails = addresses("throttled", 200)
+    audience, _ = await make_audience(pool, tmp_path, org, emails)
+    await sim.script(*[{"status": 429, "retry_after": 1}] * 3)
+    spec = make_spec(org, audience)
+
+    handle, result = await run_campaign(client, spec)
+
+    assert result.state is CampaignState.COMPLETED
+    assert (result.counts.sent, result.counts.failed, result.round) == (200, 0, 0)
+    assert await ledger(pool, spec.campaign_id) == {"sent": 200}
+    assert set((await sim.deliveries()).values()) == {1}
+    assert (await sim.stats())["responses"].get("429") == 3
+    timers = [
+        event
+        async for event in handle.fetch_history_events()
+        if event.HasField("timer_started_event_attributes")
+    ]
+    assert not timers  # no retry round was needed
+
+
 async def test_soft_failures_are_abandoned_after_the_last_round(
     client: Client, pool: asyncpg.Pool, sim: SimulatorControl, tmp_path: Path
 ) -> None:

@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import asyncpg
 import pytest
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowFailureError
 
 from campaigns.binaries import temporal_cli
 from campaigns.models import CampaignState, CampaignStatus
@@ -136,6 +136,38 @@ async def test_the_same_json_starts_through_the_official_temporal_cli(
     assert sorted(delivered) == sorted(emails)
     queried = await client.get_workflow_handle(spec.campaign_id).query(CampaignWorkflow.status)
     assert queried.counts.sent == 80
+
+
+async def test_an_invalid_spec_through_the_official_cli_fails_at_once_naming_the_field(
+    settings: Settings, client: Client, pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    org = await make_org(pool)
+    audience, _ = await make_audience(pool, tmp_path, org, addresses("tbad", 5))
+    spec = make_spec(org, audience).model_dump(mode="json")
+    spec["batch_size"] = 101
+
+    result = await run(
+        temporal_cli(),
+        "workflow",
+        "start",
+        "--address",
+        settings.temporal_address,
+        "--type",
+        "CampaignWorkflow",
+        "--task-queue",
+        settings.task_queue,
+        "--workflow-id",
+        spec["campaign_id"],
+        "--input",
+        json.dumps(spec),
+    )
+    assert result.returncode == 0, result.stderr
+
+    handle = client.get_workflow_handle(spec["campaign_id"])
+    with pytest.raises(WorkflowFailureError) as failure:
+        await asyncio.wait_for(handle.result(), timeout=60)
+    assert "batch_size" in str(failure.value.cause)
+    assert failure.value.cause.type == "InvalidCampaignSpec"
 
 
 async def test_cli_import_reports_bad_rows(

@@ -133,11 +133,42 @@ async def test_temporal_cancel_also_drains_in_flight_batches(
     assert isinstance(failure.value.cause, CancelledError)
     status = await handle.query(CampaignWorkflow.status)
     assert status.state is CampaignState.CANCELLED
+    assert await campaigns.status(handle.id) == status  # kept in the memo, no replay
     assert (await sim.stats())["accepted_emails"] == status.counts.sent
     assert status.counts.sent == await pool.fetchval(
         "SELECT count(*) FROM deliveries WHERE campaign_id = $1 AND status = 'sent'",
         spec.campaign_id,
     )
+
+
+async def test_temporal_cancel_while_preparing_ends_cancelled_not_failed(
+    campaigns: CampaignClient, pool: asyncpg.Pool, sim: SimulatorControl, tmp_path: Path
+) -> None:
+    org = await make_org(pool)
+    audience, _ = await make_audience(pool, tmp_path, org, addresses("cprep", 30))
+    spec = make_spec(org, audience)
+    # Hold prepare_campaign at its INSERT, so the cancel lands while it runs.
+    async with pool.acquire() as blocker, blocker.transaction():
+        await blocker.execute("LOCK TABLE campaigns IN EXCLUSIVE MODE")
+        handle = await campaigns.start(spec)
+        for _ in range(600):  # until prepare_campaign waits for the lock
+            if await blocker.fetchval(
+                """SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
+                   WHERE c.relname = 'campaigns' AND NOT l.granted"""
+            ):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail("prepare_campaign never reached the campaigns table")
+        await handle.cancel()
+        with pytest.raises(WorkflowFailureError) as failure:
+            await handle.result()
+
+    assert isinstance(failure.value.cause, CancelledError)
+    final = await campaigns.status(handle.id)
+    assert final.state is CampaignState.CANCELLED and final.finished_at is not None
+    assert final.not_attempted == final.total
+    assert (await sim.stats())["accepted_emails"] == 0
 
 
 async def test_window_and_rate_change_live(
@@ -175,6 +206,8 @@ async def test_scheduled_campaign_waits_and_can_be_rescheduled(
     waiting = await until(handle, lambda s: s.state is CampaignState.SCHEDULED)
     assert waiting.controls.send_at == send_at
     assert (await sim.stats())["accepted_emails"] == 0
+    with pytest.raises(ControlRefused, match="would expire at once"):
+        await campaigns.reschedule(handle.id, datetime.now(UTC) - timedelta(hours=2))
     await campaigns.reschedule(handle.id, datetime.now(UTC) + timedelta(seconds=1))
     result = await handle.result()
 
@@ -203,7 +236,6 @@ async def test_controls_that_make_no_sense_are_refused_with_a_reason(
 ) -> None:
     spec, handle, _ = await slow_campaign(pool, tmp_path, sim, campaigns)
     await until(handle, lambda s: s.state is CampaignState.RUNNING)
-    events_before = len([e async for e in handle.fetch_history_events()])
 
     with pytest.raises(ControlRefused, match="cannot resume: the campaign is not paused"):
         await campaigns.resume(handle.id)
@@ -214,7 +246,6 @@ async def test_controls_that_make_no_sense_are_refused_with_a_reason(
     with pytest.raises(ControlRefused, match="no longer waiting for its start time"):
         await campaigns.reschedule(handle.id, datetime.now(UTC) + timedelta(hours=1))
     assert not await update_events(handle)  # refusals leave no trace in history
-    assert len([e async for e in handle.fetch_history_events()]) >= events_before
 
     await campaigns.pause(handle.id)
     with pytest.raises(ControlRefused, match="already paused"):

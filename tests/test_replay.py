@@ -18,7 +18,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 from temporalio.workflow import NondeterminismError
 
-from campaigns.models import CampaignInput, CampaignStatus
+from campaigns.models import CampaignRequest, CampaignStatus
 from workflows import CampaignWorkflow, RefreshFirstPartyOrgsWorkflow
 
 HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
@@ -57,7 +57,7 @@ class ReorderedCampaignWorkflow(CampaignWorkflow):
     """The kind of change that must not ship unpatched: a new step before the others."""
 
     @workflow.run
-    async def run(self, request: CampaignInput) -> CampaignStatus:
+    async def run(self, request: CampaignRequest) -> CampaignStatus:
         await workflow.sleep(1)
         return await super().run(request)
 

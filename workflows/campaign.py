@@ -18,10 +18,12 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from datetime import datetime, timedelta
+from typing import Any
 
+from pydantic import ValidationError
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
 
 with workflow.unsafe.imports_passed_through():
     from activities.planning import INVALID_SPEC_ERROR, PlanningActivities
@@ -38,6 +40,7 @@ with workflow.unsafe.imports_passed_through():
         CampaignControls,
         CampaignInput,
         CampaignPlan,
+        CampaignRequest,
         CampaignSpec,
         CampaignState,
         CampaignStatus,
@@ -45,6 +48,7 @@ with workflow.unsafe.imports_passed_through():
         PlanBatchesInput,
         SendBatchInput,
     )
+    from campaigns.spec_check import InvalidSpec, problems_from_validation_error
 
 # Permanent problems: retrying cannot help, so they stop the campaign at once.
 NON_RETRYABLE = [INVALID_SPEC_ERROR, PROVIDER_AUTH_ERROR, PROVIDER_CONFIG_ERROR]
@@ -70,6 +74,16 @@ BATCH_STEP = dict(
 )
 HISTORY_EVENTS_PER_RUN = 8_000
 """Continue as new before this many events, whatever ``batches_per_run`` says."""
+EVENTS_PER_BATCH = 6
+"""Upper bound of the events one batch adds (activity, workflow task, progress): the
+run stops starting batches early enough that draining a full window stays in budget."""
+FINAL_STATUS_MEMO = "final_status"
+"""Memo key of the status a campaign ended with, readable with no worker running."""
+
+# Changes made after versions had run; each is taken only by runs that start with it.
+PATCH_CANCEL_DURING_ACTIVITY = "cancel-during-activity-is-a-cancel"
+PATCH_HISTORY_BUDGET_BY_WINDOW = "history-budget-by-window"
+PATCH_FINAL_STATUS_MEMO = "final-status-memo"
 RATE_WINDOW_SECONDS = 30.0
 RATE_BURST_SECONDS = 1.0
 
@@ -87,9 +101,18 @@ class CampaignWorkflow:
     """Sends one campaign; input ``CampaignSpec``, result the final ``CampaignStatus``."""
 
     @workflow.init
-    def __init__(self, request: CampaignInput) -> None:
+    def __init__(self, request: CampaignRequest) -> None:
         """Set the status up before anything runs, so controls and queries that arrive
         with the first workflow task already see it."""
+        self._invalid: InvalidSpec | None = None
+        if isinstance(request, dict):  # not a valid spec: the run fails naming the fields
+            try:
+                request = CampaignInput.model_validate(request)
+            except ValidationError as error:
+                self._invalid = InvalidSpec(problems_from_validation_error(error))
+                request = _placeholder(request)
+        self._request = request
+        self._max_lateness_seconds = request.max_lateness_seconds
         carried = request.carried
         if carried is None:
             status = CampaignStatus(
@@ -117,14 +140,16 @@ class CampaignWorkflow:
     # -- the run ------------------------------------------------------------------------
 
     @workflow.run
-    async def run(self, request: CampaignInput) -> CampaignStatus:
+    async def run(self, request: CampaignRequest) -> CampaignStatus:
         """Wait for ``send_at``, prepare, send in passes, summarize.
 
         ``request`` is a ``CampaignSpec``; after continue-as-new it also carries the
         previous run's cursor, counters and controls.
         """
-        spec, carried = request.spec(), request.carried
         status = self._status
+        if self._invalid is not None:
+            return self._finish(CampaignState.FAILED, str(self._invalid), INVALID_SPEC_ERROR)
+        spec, carried = self._request.spec(), self._request.carried
         workflow.upsert_search_attributes([sa.CAMPAIGN_ORG.value_set(spec.org)])
         self._set_state(status.state)
         try:
@@ -153,6 +178,12 @@ class CampaignWorkflow:
         except CampaignFailed as failure:
             return self._finish(CampaignState.FAILED, str(failure))
         except ActivityError as error:
+            # A Temporal cancel that lands while an activity runs (preparing, planning)
+            # reaches us as that activity's cancellation.
+            if is_cancelled_exception(error) and workflow.patched(PATCH_CANCEL_DURING_ACTIVITY):
+                await self._drain()
+                self._finish(CampaignState.CANCELLED)
+                raise
             return self._finish(CampaignState.FAILED, _describe(error))
 
     async def _wait_for_send_at(self, spec: CampaignSpec) -> bool:
@@ -294,9 +325,12 @@ class CampaignWorkflow:
 
     def _out_of_budget(self, spec: CampaignSpec, started_here: int) -> bool:
         info = workflow.info()
+        events_budget = HISTORY_EVENTS_PER_RUN
+        if workflow.patched(PATCH_HISTORY_BUDGET_BY_WINDOW):
+            events_budget -= EVENTS_PER_BATCH * self._controls.window  # room to drain
         return (
             started_here >= spec.batches_per_run
-            or info.get_current_history_length() >= HISTORY_EVENTS_PER_RUN
+            or info.get_current_history_length() >= events_budget
             or info.is_continue_as_new_suggested()
         )
 
@@ -403,7 +437,9 @@ class CampaignWorkflow:
             lines.append(f"last error: {status.last_error}")
         workflow.set_current_details("\n\n".join(lines))
 
-    def _finish(self, state: CampaignState, error: str | None = None) -> CampaignStatus:
+    def _finish(
+        self, state: CampaignState, error: str | None = None, error_type: str | None = None
+    ) -> CampaignStatus:
         status = self._status
         status.in_flight_batches = 0
         status.eta_seconds = None
@@ -411,9 +447,14 @@ class CampaignWorkflow:
         if error:
             status.last_error = error
         self._set_state(state)
+        if workflow.patched(PATCH_FINAL_STATUS_MEMO):
+            # Failed and cancelled runs have no result: the memo keeps their summary.
+            workflow.upsert_memo({FINAL_STATUS_MEMO: status})
         if state is CampaignState.FAILED:
             raise ApplicationError(
-                f"campaign {status.campaign_id} failed: {error}", non_retryable=True
+                f"campaign {status.campaign_id} failed: {error}",
+                type=error_type,
+                non_retryable=True,
             )
         return status
 
@@ -511,6 +552,26 @@ class CampaignWorkflow:
             )
         if send_at.tzinfo is None:
             raise _refuse("send_at needs a timezone, e.g. 2026-12-01T09:00:00+00:00")
+        if (workflow.now() - send_at).total_seconds() > self._max_lateness_seconds:
+            raise _refuse(
+                f"cannot reschedule to {send_at.isoformat()}: that is more than "
+                f"max_lateness_seconds ({self._max_lateness_seconds:,}) ago, so the "
+                "campaign would expire at once"
+            )
+
+
+def _placeholder(request: dict[str, Any]) -> CampaignInput:
+    """A stand-in input for a spec that failed validation, so the status has names."""
+    name = str(request.get("campaign_id") or workflow.info().workflow_id)
+    return CampaignInput.model_construct(
+        campaign_id=name,
+        org=str(request.get("org") or "?"),
+        window=1,
+        rate_per_second=None,
+        send_at=None,
+        max_lateness_seconds=0,
+        carried=None,
+    )
 
 
 def _describe(error: ActivityError) -> str:
