@@ -64,6 +64,7 @@ async def test_start_validates_first_and_names_the_field(
         ({"batch_size": 101}, "batch_size: Input should be less than or equal to 100"),
         ({"audience": "ghost"}, f"audience: org '{org}' has no audience named 'ghost'"),
         ({"html": "{{ shoe_size }}"}, "html: unknown merge field {{ shoe_size }}"),
+        ({"html": "{{ first name }}"}, "html: '{{ first name }}' is not a merge field"),
         ({"from_address": "nobody"}, "from_address: 'nobody' is not a valid sender"),
     ]:
         path = tmp_path / "bad.json"
