@@ -8,13 +8,15 @@ again changes nothing.
 
 Columns other than ``email`` and ``name`` become merge fields; a header that is not a
 field name (``first name``, ``zip-code``) is renamed to one (``first_name``,
-``zip_code``) and the report says so.
+``zip_code``) and the report says so. A row that is not UTF-8 or holds a NUL is left
+out by line, like any other bad row.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +66,22 @@ class ImportReport:
         return self.inserted + self.updated + self.unchanged
 
 
+# Undecodable bytes are read as lone surrogates (``errors="surrogateescape"``), so a
+# bad byte costs one row, not the file; neither they nor NUL can be stored as text.
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def _unstorable(value: str) -> str | None:
+    """Why ``value`` cannot be stored (a non-UTF-8 byte or a NUL), or None if it can."""
+    found = _UNSTORABLE.search(value)
+    if found is None:
+        return None
+    char = found.group()
+    if char == "\x00":
+        return "contains a NUL character"
+    return f"is not valid UTF-8 (byte 0x{ord(char) - 0xDC00:02X}); save the file as UTF-8"
+
+
 class _RowChecker:
     """Reads the CSV, keeps problems (the first ``keep`` of them), yields valid rows."""
 
@@ -86,6 +104,11 @@ class _RowChecker:
             header = [column.strip() for column in next(reader)]
         except StopIteration:
             raise ImportFailed(f"{self.path} is empty") from None
+        except csv.Error as exc:
+            raise ImportFailed(f"{self.path}: cannot read the header line ({exc})") from None
+        for column in header:
+            if (why := _unstorable(column)) is not None:
+                raise ImportFailed(f"{self.path}: the header line {why}")
         return header
 
     def _merge_fields(self, header: list[str], lowered: list[str]) -> list[tuple[int, str]]:
@@ -113,8 +136,16 @@ class _RowChecker:
         self.merge_fields = [name for _, name in extra]
         return extra
 
+    @staticmethod
+    def _unstorable_column(header: list[str], row: list[str]) -> str:
+        """The first value of ``row`` that cannot be stored, named by its column."""
+        for index, value in enumerate(row):
+            if (why := _unstorable(value)) is not None:
+                return f"column '{header[index]}' {why}" if index < len(header) else why
+        raise AssertionError("no unstorable value in the row")
+
     def rows(self) -> Iterator[tuple[int, str, str, str]]:
-        with self.path.open(newline="", encoding="utf-8-sig") as handle:
+        with self.path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as handle:
             reader = csv.reader(handle)
             header = self._read_header(reader)
             lowered = [column.lower() for column in header]
@@ -132,11 +163,24 @@ class _RowChecker:
             extra = self._merge_fields(header, lowered)
             width = len(header)
             line = reader.line_num
-            for row in reader:
+            while True:
+                try:
+                    row = next(reader)
+                except StopIteration:
+                    break
+                except csv.Error as exc:  # e.g. an unclosed quote running past the field limit
+                    self.rows_read += 1
+                    self.problem(line + 1, f"cannot be read as CSV ({exc})")
+                    line = reader.line_num
+                    continue
                 first_line, line = line + 1, reader.line_num
                 if not row or (len(row) == 1 and not row[0].strip()):
                     continue  # blank line
                 self.rows_read += 1
+                # one scan of the whole row; the column is looked up only for a bad one
+                if _UNSTORABLE.search("".join(row)):
+                    self.problem(first_line, self._unstorable_column(header, row))
+                    continue
                 if len(row) != width:
                     self.problem(first_line, f"expected {width} columns, found {len(row)}")
                     continue

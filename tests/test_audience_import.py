@@ -107,6 +107,7 @@ async def test_reimport_is_idempotent_and_updates_changed_rows(
             "columns 'first name' and 'first-name' would both be merge field first_name",
         ),
         ("email,Zip Code,zip_code\n", "which differ only in case"),
+        ("e\x00m\x00a\x00i\x00l\x00\n", "the header line contains a NUL character"),
     ],
 )
 async def test_unusable_files_are_refused_with_the_reason(
@@ -167,3 +168,37 @@ async def test_headers_become_field_names_that_templates_can_use(
     )
     plan = await check_against_database(pool, spec)
     assert plan.total_recipients == 1
+
+
+async def test_undecodable_and_nul_rows_are_reported_and_the_rest_kept(
+    pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    org = await make_org(pool)
+    path = tmp_path / "mixed.csv"
+    path.write_bytes(
+        b"email,name,city\n"
+        b"ada@example.com,Ada,Lisbon\n"
+        b"jose@example.com,Jos\xe9,Porto\n"  # Latin-1, not UTF-8
+        b"nul@example.com,N\x00ul,Oslo\n"
+        b'grace@example.com,"Grace\nHopper",Lima\n'
+        b"bad\xff@example.com,Bad,Quito\n"
+        b"alan@example.com,Alan,Tartu\n"
+    )
+
+    report = await run_import(pool, path, org, "mixed")
+
+    problems = {problem.line: problem.message for problem in report.problems}
+    assert problems == {
+        3: "column 'name' is not valid UTF-8 (byte 0xE9); save the file as UTF-8",
+        4: "column 'name' contains a NUL character",
+        7: "column 'email' is not valid UTF-8 (byte 0xFF); save the file as UTF-8",
+    }
+    assert (report.rows_read, report.inserted, report.problem_count) == (6, 3, 3)
+    emails = await pool.fetch(
+        "SELECT email FROM recipients WHERE audience_id = $1 ORDER BY id", report.audience_id
+    )
+    assert [row["email"] for row in emails] == [
+        "ada@example.com",
+        "grace@example.com",
+        "alan@example.com",
+    ]
