@@ -5,12 +5,18 @@ with ``COPY``, so memory stays flat whatever the file size. Duplicates are found
 the database (first occurrence wins), and the upsert into ``recipients`` runs in the
 same transaction: an import lands whole or not at all, and importing the same file
 again changes nothing.
+
+Columns other than ``email`` and ``name`` become merge fields; a header that is not a
+field name (``first name``, ``zip-code``) is renamed to one (``first_name``,
+``zip_code``) and the report says so. A row that is not UTF-8 or holds a NUL is left
+out by line, like any other bad row.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +24,7 @@ from pathlib import Path
 import asyncpg
 
 from campaigns.addresses import is_valid_address, normalize_address
+from campaigns.templates import field_name_for
 
 REQUIRED_COLUMNS = ("email",)
 OPTIONAL_COLUMNS = ("name",)
@@ -50,11 +57,29 @@ class ImportReport:
     problems: list[RowProblem] = field(default_factory=list)
     problem_count: int = 0
     merge_fields: list[str] = field(default_factory=list)
+    renamed_columns: list[tuple[str, str]] = field(default_factory=list)
+    """(CSV header, merge-field name) for each column whose header was not a field name."""
 
     @property
     def imported(self) -> int:
         """Rows now in the audience from this file."""
         return self.inserted + self.updated + self.unchanged
+
+
+# Undecodable bytes are read as lone surrogates (``errors="surrogateescape"``), so a
+# bad byte costs one row, not the file; neither they nor NUL can be stored as text.
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def _unstorable(value: str) -> str | None:
+    """Why ``value`` cannot be stored (a non-UTF-8 byte or a NUL), or None if it can."""
+    found = _UNSTORABLE.search(value)
+    if found is None:
+        return None
+    char = found.group()
+    if char == "\x00":
+        return "contains a NUL character"
+    return f"is not valid UTF-8 (byte 0x{ord(char) - 0xDC00:02X}); save the file as UTF-8"
 
 
 class _RowChecker:
@@ -67,19 +92,62 @@ class _RowChecker:
         self.problem_count = 0
         self.rows_read = 0
         self.merge_fields: list[str] = []
+        self.renamed: list[tuple[str, str]] = []
 
     def problem(self, line: int, message: str) -> None:
         self.problem_count += 1
         if len(self.problems) < self.keep:
             self.problems.append(RowProblem(line, message))
 
+    def _read_header(self, reader: Iterator[list[str]]) -> list[str]:
+        try:
+            header = [column.strip() for column in next(reader)]
+        except StopIteration:
+            raise ImportFailed(f"{self.path} is empty") from None
+        except csv.Error as exc:
+            raise ImportFailed(f"{self.path}: cannot read the header line ({exc})") from None
+        for column in header:
+            if (why := _unstorable(column)) is not None:
+                raise ImportFailed(f"{self.path}: the header line {why}")
+        return header
+
+    def _merge_fields(self, header: list[str], lowered: list[str]) -> list[tuple[int, str]]:
+        """(index, field name) of each extra column; records renames, refuses clashes."""
+        extra = [
+            (index, field_name_for(column) if column else f"column_{index + 1}")
+            for index, column in enumerate(header)
+            if lowered[index] not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS
+        ]
+        # Compared ignoring case, like the columns themselves.
+        by_name: dict[str, list[tuple[int, str]]] = {}
+        for index, name in extra:
+            by_name.setdefault(name.lower(), []).append((index, name))
+        for clash in by_name.values():
+            if len(clash) > 1:
+                columns = " and ".join(f"'{header[index]}'" for index, _ in clash)
+                names = sorted({name for _, name in clash})
+                became = (
+                    f"would both be merge field {names[0]}"
+                    if len(names) == 1
+                    else f"would be merge fields {' and '.join(names)}, which differ only in case"
+                )
+                raise ImportFailed(f"{self.path}: columns {columns} {became}; rename one of them")
+        self.renamed = [(header[index], name) for index, name in extra if header[index] != name]
+        self.merge_fields = [name for _, name in extra]
+        return extra
+
+    @staticmethod
+    def _unstorable_column(header: list[str], row: list[str]) -> str:
+        """The first value of ``row`` that cannot be stored, named by its column."""
+        for index, value in enumerate(row):
+            if (why := _unstorable(value)) is not None:
+                return f"column '{header[index]}' {why}" if index < len(header) else why
+        raise AssertionError("no unstorable value in the row")
+
     def rows(self) -> Iterator[tuple[int, str, str, str]]:
-        with self.path.open(newline="", encoding="utf-8-sig") as handle:
+        with self.path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as handle:
             reader = csv.reader(handle)
-            try:
-                header = [column.strip() for column in next(reader)]
-            except StopIteration:
-                raise ImportFailed(f"{self.path} is empty") from None
+            header = self._read_header(reader)
             lowered = [column.lower() for column in header]
             missing = [c for c in REQUIRED_COLUMNS if c not in lowered]
             if missing:
@@ -92,19 +160,27 @@ class _RowChecker:
                 raise ImportFailed(f"{self.path}: column {', '.join(repeated)} appears twice")
             email_at = lowered.index("email")
             name_at = lowered.index("name") if "name" in lowered else None
-            extra = [
-                (index, column)
-                for index, column in enumerate(header)
-                if lowered[index] not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS
-            ]
-            self.merge_fields = [column for _, column in extra]
+            extra = self._merge_fields(header, lowered)
             width = len(header)
             line = reader.line_num
-            for row in reader:
+            while True:
+                try:
+                    row = next(reader)
+                except StopIteration:
+                    break
+                except csv.Error as exc:  # e.g. an unclosed quote running past the field limit
+                    self.rows_read += 1
+                    self.problem(line + 1, f"cannot be read as CSV ({exc})")
+                    line = reader.line_num
+                    continue
                 first_line, line = line + 1, reader.line_num
                 if not row or (len(row) == 1 and not row[0].strip()):
                     continue  # blank line
                 self.rows_read += 1
+                # one scan of the whole row; the column is looked up only for a bad one
+                if _UNSTORABLE.search("".join(row)):
+                    self.problem(first_line, self._unstorable_column(header, row))
+                    continue
                 if len(row) != width:
                     self.problem(first_line, f"expected {width} columns, found {len(row)}")
                     continue
@@ -116,7 +192,7 @@ class _RowChecker:
                     self.problem(first_line, f"invalid email address '{row[email_at].strip()}'")
                     continue
                 name = row[name_at].strip() if name_at is not None else ""
-                fields = {column: row[index] for index, column in extra}
+                fields = {key: row[index] for index, key in extra}
                 yield first_line, email, name, json.dumps(fields)
 
 
@@ -204,4 +280,5 @@ async def import_audience(
         problems=checker.problems[:keep_problems],
         problem_count=checker.problem_count,
         merge_fields=list(merge_fields),
+        renamed_columns=checker.renamed,
     )

@@ -15,7 +15,7 @@ import asyncpg
 from pydantic import ValidationError
 
 from campaigns.models import CampaignPlan, CampaignSpec
-from campaigns.templates import BUILTIN_FIELDS, fields_used
+from campaigns.templates import BUILTIN_FIELDS, TemplateError, fields_used
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,11 @@ async def check_against_database(
     problems = []
     for field_name in ("subject", "html", "text"):
         template = getattr(spec, field_name)
-        unknown = sorted(fields_used(template) - known) if template else []
+        try:
+            unknown = sorted(fields_used(template) - known) if template else []
+        except TemplateError as exc:  # a spec built without validation (model_construct)
+            problems.append(SpecProblem(field_name, str(exc)))
+            continue
         if unknown:
             names = ", ".join("{{ " + name + " }}" for name in unknown)
             problems.append(

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import html
 import re
+import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-_FIELD = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
+# A field name is a word (letters, digits, _) not starting with a digit; ``\w`` and
+# ``\d`` are Unicode-aware, so ``{{ prénom }}`` works like ``{{ name }}``.
+_NAME = re.compile(r"[^\W\d]\w*")
+_PLACEHOLDER = re.compile(r"\{\{([^{}]*)\}\}")
 _UNCLOSED = re.compile(r"\{\{(?![^{}]*\}\})")
 
 BUILTIN_FIELDS = frozenset({"email", "name"})
@@ -23,11 +27,49 @@ class TemplateError(ValueError):
     """A template that cannot be compiled (for example an unclosed ``{{``)."""
 
 
-def fields_used(template: str) -> set[str]:
-    """Return the merge-field names a template refers to."""
+def is_field_name(name: str) -> bool:
+    """Whether ``name`` can be written as a merge field, ``{{ name }}``."""
+    return _NAME.fullmatch(name) is not None
+
+
+def field_name_for(column: str) -> str:
+    """The merge-field name for a CSV column: each non-word character becomes ``_``.
+
+    A leading digit gets a ``_`` in front and an empty column becomes ``_``, so the
+    result always satisfies :func:`is_field_name`.
+    """
+    name = re.sub(r"\W", "_", unicodedata.normalize("NFC", column))
+    return name if is_field_name(name) else f"_{name}"
+
+
+def _split(template: str) -> list[str]:
+    """Alternating literal and field-name parts; raises on anything that is not a field."""
     if _UNCLOSED.search(template):
         raise TemplateError("has an unclosed '{{' (merge fields look like {{ name }})")
-    return set(_FIELD.findall(template))
+    parts = _PLACEHOLDER.split(template)
+    bad = []
+    for index in range(1, len(parts), 2):
+        # NFC, as at import, so a name typed in decomposed form still matches
+        name = unicodedata.normalize("NFC", parts[index].strip())
+        if not is_field_name(name):
+            bad.append(f"'{{{{{parts[index]}}}}}'")
+        parts[index] = name
+    if bad:
+        verb = "is not a merge field" if len(bad) == 1 else "are not merge fields"
+        raise TemplateError(
+            f"{' and '.join(bad)} {verb}: a name is letters, digits and _, "
+            "not starting with a digit (like {{ first_name }})"
+        )
+    return parts
+
+
+def fields_used(template: str) -> set[str]:
+    """Return the merge-field names a template refers to.
+
+    Raises:
+        TemplateError: on an unclosed ``{{`` or a ``{{ ... }}`` that is not a field name.
+    """
+    return set(_split(template)[1::2])
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,8 +95,7 @@ class CompiledTemplate:
 
 def compile_template(template: str, *, html_body: bool = False) -> CompiledTemplate:
     """Compile ``template``; ``html_body`` turns on HTML escaping of field values."""
-    fields_used(template)  # raises on malformed input
-    parts = _FIELD.split(template)
+    parts = _split(template)
     return CompiledTemplate(
         literals=tuple(parts[0::2]),
         fields=tuple(parts[1::2]),

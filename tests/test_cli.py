@@ -64,6 +64,7 @@ async def test_start_validates_first_and_names_the_field(
         ({"batch_size": 101}, "batch_size: Input should be less than or equal to 100"),
         ({"audience": "ghost"}, f"audience: org '{org}' has no audience named 'ghost'"),
         ({"html": "{{ shoe_size }}"}, "html: unknown merge field {{ shoe_size }}"),
+        ({"html": "{{ first name }}"}, "html: '{{ first name }}' is not a merge field"),
         ({"from_address": "nobody"}, "from_address: 'nobody' is not a valid sender"),
     ]:
         path = tmp_path / "bad.json"
@@ -184,6 +185,23 @@ async def test_cli_import_reports_bad_rows(
     assert "1 new" in result.stdout and "2 left out" in result.stdout
     assert "line 3: invalid email address 'nope'" in result.stdout
     assert "line 4: duplicate of line 2 (ok@example.com)" in result.stdout
+
+
+async def test_cli_import_renames_headers_and_reports_undecodable_rows(
+    settings: Settings, pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    org = await make_org(pool)
+    path = tmp_path / "list.csv"
+    path.write_bytes(b"email,first name\nok@example.com,Ok\nlatin@example.com,Jos\xe9\n")
+    env = cli_env(settings, tmp_path)
+
+    result = await campaigns(env, "audience", "import", "--org", org, "--name", "list", str(path))
+
+    assert result.returncode == 0, result.stderr
+    out = " ".join(result.stdout.split())
+    assert "1 new" in out and "1 left out" in out
+    assert "renamed columns to merge-field names: 'first name' -> first_name" in out
+    assert "line 3: column 'first name' is not valid UTF-8 (byte 0xE9)" in out
 
 
 async def test_cli_controls_report_refusals_clearly(

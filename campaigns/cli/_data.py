@@ -5,6 +5,7 @@ from __future__ import annotations
 from argparse import Namespace
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from campaigns import db
@@ -85,15 +86,19 @@ async def cmd_org_list(args: Namespace, settings: Settings, console: Console) ->
 
 
 def print_import_report(report: ImportReport, console: Console) -> None:
-    """Counts, then each left-out row with its line number."""
+    """Counts, merge fields and renamed columns, then each left-out row by line number."""
     console.print(
         f"read {report.rows_read:,} rows: {report.inserted:,} new, {report.updated:,} updated, "
         f"{report.unchanged:,} unchanged, {report.problem_count:,} left out"
     )
     if report.merge_fields:
         console.print(f"merge fields: {', '.join(report.merge_fields)}")
+    if report.renamed_columns:
+        renames = ", ".join(f"'{column}' -> {name}" for column, name in report.renamed_columns)
+        # escaped: headers and rows are the file's text and may hold rich markup like [b]
+        console.print(f"renamed columns to merge-field names: {escape(renames)}")
     for problem in report.problems:
-        console.print(f"  [yellow]{problem}[/]")
+        console.print(f"  [yellow]{escape(str(problem))}[/]")
     hidden = report.problem_count - len(report.problems)
     if hidden > 0:
         console.print(f"  ... and {hidden:,} more")
