@@ -9,6 +9,15 @@ from temporalio.exceptions import ApplicationError
 from campaigns.first_party import RefreshRefused, RefreshResult, refresh_first_party_orgs
 
 REFRESH_REFUSED_ERROR = "FirstPartyRefreshRefused"
+DATABASE_UNAVAILABLE_ERROR = "FirstPartyRefreshDatabaseUnavailable"
+
+# What a database that is down, restarting or unreachable raises through asyncpg.
+_UNAVAILABLE = (
+    OSError,  # refused, unreachable, timed out
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,  # closed connection or pool
+    asyncpg.exceptions.OperatorInterventionError,  # shutting down, starting up
+)
 
 
 class MaintenanceActivities:
@@ -24,7 +33,9 @@ class MaintenanceActivities:
 
         Raises:
             ApplicationError: non-retryable ``FirstPartyRefreshRefused`` when the data
-                cannot give a trustworthy set; the previous snapshot stays in use.
+                cannot give a trustworthy set; retryable
+                ``FirstPartyRefreshDatabaseUnavailable`` when the database cannot be
+                reached. Either way the previous snapshot stays in use.
         """
         try:
             return await refresh_first_party_orgs(self._pool)
@@ -32,3 +43,10 @@ class MaintenanceActivities:
             raise ApplicationError(
                 str(exc), type=REFRESH_REFUSED_ERROR, non_retryable=True
             ) from None
+        except _UNAVAILABLE as exc:
+            raise ApplicationError(
+                f"first-party refresh could not reach the database or lost it "
+                f"({type(exc).__name__}: {exc}); it will be retried and the previous "
+                "snapshot stays in use",
+                type=DATABASE_UNAVAILABLE_ERROR,
+            ) from None  # the message says it all; a chained trace would only be truncated

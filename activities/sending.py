@@ -231,14 +231,13 @@ class SendingActivities:
         """Share ``pool`` and ``provider`` across all batches of this process.
 
         ``refresh_first_party`` runs one first-party refresh (on the maintenance task
-        queue) and is called only when no snapshot was ever published.
+        queue); it is called only when no snapshot was ever published, and a batch
+        waits for it a few seconds at most (see ``FirstPartySnapshotCache``).
         """
         self._pool = pool
         self._provider = provider
         self._domains = domains
-        self._refresh_first_party = refresh_first_party
-        self._first_party = FirstPartySnapshotCache(pool)
-        self._bootstrap = asyncio.Lock()
+        self._first_party = FirstPartySnapshotCache(pool, bootstrap=refresh_first_party)
         self._campaigns: OrderedDict[tuple[str, str], _Campaign] = OrderedDict()
 
     async def _campaign(self, campaign_id: str, execution_id: str) -> _Campaign:
@@ -263,14 +262,7 @@ class SendingActivities:
 
     async def _identity(self, campaign: _Campaign) -> SenderIdentity:
         """Decide the batch's sender from the current first-party snapshot."""
-        snapshot = await self._first_party.current()
-        if snapshot is None and self._refresh_first_party is not None:
-            async with self._bootstrap:  # one refresh per process, shared across workers
-                snapshot = await self._first_party.current()
-                if snapshot is None:
-                    log.info("no first-party snapshot yet: running one refresh")
-                    await self._refresh_first_party()
-                    snapshot = await self._first_party.current()
+        snapshot = await self._first_party.for_batch()
         return sender_identity(
             campaign.sender,
             first_party=snapshot is not None and campaign.org in snapshot.org_ids,

@@ -34,6 +34,9 @@ REFRESH_EVERY = timedelta(hours=1)
 REFRESH_JITTER = timedelta(minutes=2)
 CATCHUP_WINDOW = timedelta(minutes=30)
 BOOTSTRAP_WORKFLOW_ID = "first-party-orgs-refresh-bootstrap"
+# Bounds a bootstrap run nobody picks up (no maintenance worker) or that keeps retrying
+# an outage; the hourly schedule takes over from there.
+BOOTSTRAP_TIMEOUT = timedelta(minutes=10)
 
 
 def refresh_schedule() -> Schedule:
@@ -82,12 +85,14 @@ async def describe_refresh_schedule(client: Client) -> ScheduleDescription:
 async def refresh_once(client: Client) -> RefreshResult:
     """Run one refresh now and wait for it; concurrent callers share the same run.
 
-    The send path uses this only when no snapshot was ever published.
+    The send path uses this only when no snapshot was ever published, and bounds how
+    long it waits (see ``FirstPartySnapshotCache.for_batch``).
     """
     handle = await client.start_workflow(
         RefreshFirstPartyOrgsWorkflow.run,
         id=BOOTSTRAP_WORKFLOW_ID,
         task_queue=MAINTENANCE_TASK_QUEUE,
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        execution_timeout=BOOTSTRAP_TIMEOUT,
     )
     return await handle.result()
