@@ -38,6 +38,9 @@ def test_there_are_histories_of_every_kind() -> None:
         "rescheduled",
         "continue_as_new",
         "refresh",
+        "cancel_while_preparing",
+        "invalid_spec",
+        "throttling",
     ):
         assert scenario in names, scenario
 
