@@ -52,6 +52,25 @@ async def campaigns(env: dict[str, str], *args: str) -> Result:
     return await run(sys.executable, "-m", "campaigns.cli", *args, env=env)
 
 
+async def temporal_start(settings: Settings, workflow_id: str, spec_json: str) -> Result:
+    """`temporal workflow start` of a campaign, as a user of the official CLI types it."""
+    return await run(
+        temporal_cli(),
+        "workflow",
+        "start",
+        "--address",
+        settings.temporal_address,
+        "--type",
+        "CampaignWorkflow",
+        "--task-queue",
+        settings.task_queue,
+        "--workflow-id",
+        workflow_id,
+        "--input",
+        spec_json,
+    )
+
+
 async def test_start_validates_first_and_names_the_field(
     settings: Settings, pool: asyncpg.Pool, tmp_path: Path
 ) -> None:
@@ -113,21 +132,7 @@ async def test_the_same_json_starts_through_the_official_temporal_cli(
     spec = make_spec(org, audience)
     spec_json = spec.model_dump_json()
 
-    result = await run(
-        temporal_cli(),
-        "workflow",
-        "start",
-        "--address",
-        settings.temporal_address,
-        "--type",
-        "CampaignWorkflow",
-        "--task-queue",
-        settings.task_queue,
-        "--workflow-id",
-        spec.campaign_id,
-        "--input",
-        spec_json,
-    )
+    result = await temporal_start(settings, spec.campaign_id, spec_json)
     assert result.returncode == 0, result.stderr
 
     final = await client.get_workflow_handle(spec.campaign_id, result_type=CampaignStatus).result()
@@ -147,21 +152,7 @@ async def test_an_invalid_spec_through_the_official_cli_fails_at_once_naming_the
     spec = make_spec(org, audience).model_dump(mode="json")
     spec["batch_size"] = 101
 
-    result = await run(
-        temporal_cli(),
-        "workflow",
-        "start",
-        "--address",
-        settings.temporal_address,
-        "--type",
-        "CampaignWorkflow",
-        "--task-queue",
-        settings.task_queue,
-        "--workflow-id",
-        spec["campaign_id"],
-        "--input",
-        json.dumps(spec),
-    )
+    result = await temporal_start(settings, spec["campaign_id"], json.dumps(spec))
     assert result.returncode == 0, result.stderr
 
     handle = client.get_workflow_handle(spec["campaign_id"])
