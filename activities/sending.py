@@ -281,32 +281,27 @@ class SendingActivities:
                 slow down (what was sent is recorded first).
         """
         label = f"r{batch.round}:{batch.range.after_id + 1}-{batch.range.last_id}"
-        info = activity.info()
         with structlog.contextvars.bound_contextvars(campaign_id=batch.campaign_id, batch=label):
             # Requests an earlier attempt saw accepted (from its heartbeats) are not
             # sent again: a batch cut short by a dead worker resumes where it was.
-            details = info.heartbeat_details
+            details = activity.info().heartbeat_details
             accepted: _Accepted = dict(details[0]) if details else {}
             if accepted:
                 log.info("resuming batch", accepted_requests=len(accepted))
             heartbeat = asyncio.create_task(_heartbeat_until_done(accepted))
             try:
-                return await self._send_batch(batch, accepted, first_attempt=info.attempt == 1)
+                return await self._send_batch(batch, accepted)
             finally:
                 heartbeat.cancel()
 
     async def _send_batch(
-        self,
-        batch: SendBatchInput,
-        accepted: _Accepted | None = None,
-        *,
-        first_attempt: bool = True,
+        self, batch: SendBatchInput, accepted: _Accepted | None = None
     ) -> BatchOutcome:
         """Send one batch.
 
         ``accepted`` maps the keys of requests already accepted to (recipient id,
-        message id) pairs; after the first attempt, the requests an earlier attempt
-        planned are read back and sent again as they were.
+        message id) pairs. Requests that an earlier attempt planned but did not record
+        are read back and sent again as they were.
         """
         accepted = {} if accepted is None else accepted
         started = time.perf_counter()
@@ -325,9 +320,8 @@ class SendingActivities:
         rows = await self._pool.fetch(sql, *args)
         # The last request planned for a recipient wins (a 422 split plans smaller ones).
         planned: dict[int, str] = {}
-        if not first_attempt:
-            for plan in await self._pool.fetch(_READ_PLAN, *_plan_scope(batch)):
-                planned.update(dict.fromkeys(plan["recipient_ids"], plan["request_key"]))
+        for plan in await self._pool.fetch(_READ_PLAN, *_plan_scope(batch)):
+            planned.update(dict.fromkeys(plan["recipient_ids"], plan["request_key"]))
 
         counts = {status: 0 for status in DeliveryStatus}
         skipped = 0

@@ -130,7 +130,7 @@ async def test_a_retry_after_a_crash_resends_the_planned_requests_despite_a_new_
     bounced = addresses(tag, 40)[10]
     await suppress(pool, spec.org, bounced)
 
-    outcome = await sending._send_batch(batch, first_attempt=False)
+    outcome = await sending._send_batch(batch)
 
     stats = await sim.stats()
     assert stats["accepted_emails"] == 40, stats
