@@ -113,7 +113,9 @@ class CampaignSpec(_Model):
         if value is not None:
             if not value.strip():
                 raise ValueError("must not be empty")
-            fields_used(value)
+            # Lenient here, so stored specs and recorded workflow inputs decode as they
+            # always did; spec_check refuses non-field placeholders when a spec starts.
+            fields_used(value, strict=False)
         return value
 
     @model_validator(mode="after")

@@ -62,12 +62,30 @@ def parse_spec(data: str | bytes | dict[str, Any]) -> CampaignSpec:
     """
     try:
         if isinstance(data, dict):
-            return CampaignSpec.model_validate(data)
-        return CampaignSpec.model_validate_json(data)
+            spec = CampaignSpec.model_validate(data)
+        else:
+            spec = CampaignSpec.model_validate_json(data)
     except ValidationError as exc:
         if any(item["type"] == "json_invalid" for item in exc.errors()):
             raise InvalidSpec([SpecProblem("spec", "is not valid JSON")]) from None
         raise InvalidSpec(problems_from_validation_error(exc)) from None
+    problems = template_problems(spec)
+    if problems:
+        raise InvalidSpec(problems)
+    return spec
+
+
+def template_problems(spec: CampaignSpec) -> list[SpecProblem]:
+    """Placeholders that are not field names, named by their template field."""
+    problems = []
+    for field_name in ("subject", "html", "text"):
+        template = getattr(spec, field_name)
+        try:
+            if template:
+                fields_used(template)
+        except TemplateError as exc:
+            problems.append(SpecProblem(field_name, str(exc)))
+    return problems
 
 
 async def check_against_database(
@@ -96,7 +114,7 @@ async def check_against_database(
         template = getattr(spec, field_name)
         try:
             unknown = sorted(fields_used(template) - known) if template else []
-        except TemplateError as exc:  # a spec built without validation (model_construct)
+        except TemplateError as exc:  # a placeholder that is not a field name
             problems.append(SpecProblem(field_name, str(exc)))
             continue
         if unknown:

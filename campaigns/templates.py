@@ -42,19 +42,25 @@ def field_name_for(column: str) -> str:
     return name if is_field_name(name) else f"_{name}"
 
 
-def _split(template: str) -> list[str]:
-    """Alternating literal and field-name parts; raises on anything that is not a field."""
+def _split(template: str, *, strict: bool) -> list[str]:
+    """Alternating literal and field-name parts.
+
+    ``strict`` refuses a ``{{ ... }}`` that is not a field name; otherwise it stays
+    literal text, as it was before names were checked.
+    """
     if _UNCLOSED.search(template):
         raise TemplateError("has an unclosed '{{' (merge fields look like {{ name }})")
-    parts = _PLACEHOLDER.split(template)
-    bad = []
-    for index in range(1, len(parts), 2):
+    raw = _PLACEHOLDER.split(template)
+    parts, bad = [raw[0]], []
+    for index in range(1, len(raw), 2):
         # NFC, as at import, so a name typed in decomposed form still matches
-        name = unicodedata.normalize("NFC", parts[index].strip())
-        if not is_field_name(name):
-            bad.append(f"'{{{{{parts[index]}}}}}'")
-        parts[index] = name
-    if bad:
+        name = unicodedata.normalize("NFC", raw[index].strip())
+        if is_field_name(name):
+            parts += [name, raw[index + 1]]
+        else:
+            bad.append(f"'{{{{{raw[index]}}}}}'")
+            parts[-1] += "{{" + raw[index] + "}}" + raw[index + 1]
+    if bad and strict:
         verb = "is not a merge field" if len(bad) == 1 else "are not merge fields"
         raise TemplateError(
             f"{' and '.join(bad)} {verb}: a name is letters, digits and _, "
@@ -63,13 +69,14 @@ def _split(template: str) -> list[str]:
     return parts
 
 
-def fields_used(template: str) -> set[str]:
+def fields_used(template: str, *, strict: bool = True) -> set[str]:
     """Return the merge-field names a template refers to.
 
     Raises:
-        TemplateError: on an unclosed ``{{`` or a ``{{ ... }}`` that is not a field name.
+        TemplateError: on an unclosed ``{{``; when ``strict``, also on a ``{{ ... }}``
+            that is not a field name (a spec is held to that when it starts).
     """
-    return set(_split(template)[1::2])
+    return set(_split(template, strict=strict)[1::2])
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,8 +101,12 @@ class CompiledTemplate:
 
 
 def compile_template(template: str, *, html_body: bool = False) -> CompiledTemplate:
-    """Compile ``template``; ``html_body`` turns on HTML escaping of field values."""
-    parts = _split(template)
+    """Compile ``template``; ``html_body`` turns on HTML escaping of field values.
+
+    Lenient about non-field placeholders, so a spec stored before they were refused
+    still renders as it did; new specs are refused them when they start.
+    """
+    parts = _split(template, strict=False)
     return CompiledTemplate(
         literals=tuple(parts[0::2]),
         fields=tuple(parts[1::2]),

@@ -95,3 +95,17 @@ async def test_database_checks_name_the_field(pool: asyncpg.Pool, tmp_path: Path
             await check_against_database(pool, spec)
         messages = {problem.field: problem.message for problem in error.value.problems}
         assert fragment in messages[field], messages
+
+
+def test_non_field_placeholders_are_refused_at_start_but_old_specs_still_decode() -> None:
+    from campaigns.models import CampaignSpec
+    from campaigns.templates import compile_template
+
+    old = {**VALID, "html": "<p>{{ first name }}, {{ name }}</p>"}
+    with pytest.raises(InvalidSpec, match="is not a merge field"):
+        parse_spec(json.dumps(old))
+    # A spec stored (or a workflow input recorded) before the rule decodes as before,
+    # and its placeholder renders as the literal text it always did.
+    stored = CampaignSpec.model_validate(old)
+    rendered = compile_template(stored.html, html_body=True).render({"name": "Ada"})
+    assert rendered == "<p>{{ first name }}, Ada</p>"
