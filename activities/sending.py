@@ -87,12 +87,13 @@ SELECT request_key, recipient_ids FROM provider_requests
 WHERE campaign_id = $1 AND execution_id = $2 AND round = $3 AND batch_last_id = $4
 ORDER BY id
 """
-# One round trip for the whole batch: outcomes in, the batch's plan out. A row
-# already 'sent' is never overwritten.
+# One round trip for the whole batch: outcomes in and, once every request of the batch
+# has an answer ($10), its plan out. A row already 'sent' is never overwritten.
 _RECORD = """
 WITH planned AS (
     DELETE FROM provider_requests
     WHERE campaign_id = $1 AND execution_id = $2 AND round = $3 AND batch_last_id = $4
+      AND $10
 )
 INSERT INTO deliveries AS d (campaign_id, recipient_id, status, execution_id, round,
                              provider_message_id, request_key, last_error, sent_at)
@@ -378,8 +379,9 @@ class SendingActivities:
 
         await asyncio.gather(*(send(request) for request in requests))
 
-        # Outcomes in, plan out, in one statement: what was not recorded now was
-        # never sent (throttled or stopped) and is planned afresh by the retry.
+        # A batch stopped short (throttled, refused) keeps its plan: requests an
+        # earlier attempt planned may have reached the provider and must go out again
+        # as they were.
         await self._pool.execute(
             _RECORD,
             *_plan_scope(batch),
@@ -388,6 +390,7 @@ class SendingActivities:
             outcomes.message_ids,
             outcomes.keys,
             outcomes.errors,
+            fatal is None and throttled_for is None,
         )
         if fatal is not None:
             log.error("batch stopped", error=fatal.message)
@@ -450,7 +453,11 @@ class SendingActivities:
         members, key = request.members, request.key
         body = [row for row in members if not row["suppressed"]]
         if key in accepted:  # accepted before this attempt: (recipient, message id) pairs
-            message_ids = dict(accepted[key])
+            pairs = accepted[key]
+            if pairs and isinstance(pairs[0], str):
+                # Heartbeat of an earlier release: message ids in member order.
+                pairs = list(zip((row["id"] for row in members), pairs, strict=False))
+            message_ids = dict(pairs)
             for row in members:
                 message_id = message_ids.get(row["id"])
                 if message_id is None:  # left out of that body: suppressed then

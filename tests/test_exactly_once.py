@@ -22,6 +22,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 from pydantic import SecretStr
+from temporalio.exceptions import ApplicationError
 
 from activities.planning import PlanningActivities
 from activities.sending import SendingActivities
@@ -104,6 +105,25 @@ async def ledger(pool: asyncpg.Pool, campaign_id: str) -> dict[str, str]:
     return {row["email"]: row["status"] for row in rows}
 
 
+async def accepted_then_killed(
+    pool: asyncpg.Pool, sending: SendingActivities, sim: SimulatorControl, batch, count: int
+) -> None:
+    """An attempt whose requests are all accepted, killed before its ledger write (held
+    back by a lock), whose heartbeats never reached the server."""
+    async with pool.acquire() as blocker, blocker.transaction():
+        await blocker.execute("LOCK TABLE deliveries IN EXCLUSIVE MODE")
+        attempt = asyncio.create_task(sending._send_batch(batch))
+        for _ in range(500):
+            if (await sim.stats())["accepted_emails"] == count:
+                break
+            await asyncio.sleep(0.02)
+        assert (await sim.stats())["accepted_emails"] == count
+        attempt.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await attempt
+    assert await ledger(pool, batch.campaign_id) == {}
+
+
 async def test_a_retry_after_a_crash_resends_the_planned_requests_despite_a_new_suppression(
     pool: asyncpg.Pool, sending: SendingActivities, sim: SimulatorControl, tmp_path: Path
 ) -> None:
@@ -111,20 +131,7 @@ async def test_a_retry_after_a_crash_resends_the_planned_requests_despite_a_new_
     spec, plan, whole = await prepare(pool, tmp_path, tag, 40)
     batch = batch_of(spec, plan, whole)
 
-    # The first attempt gets every request accepted, then dies before the ledger write
-    # (held back by a lock), and its heartbeats never reached the server.
-    async with pool.acquire() as blocker, blocker.transaction():
-        await blocker.execute("LOCK TABLE deliveries IN EXCLUSIVE MODE")
-        first = asyncio.create_task(sending._send_batch(batch))
-        for _ in range(500):
-            if (await sim.stats())["accepted_emails"] == 40:
-                break
-            await asyncio.sleep(0.02)
-        assert (await sim.stats())["accepted_emails"] == 40
-        first.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await first
-    assert await ledger(pool, spec.campaign_id) == {}
+    await accepted_then_killed(pool, sending, sim, batch, 40)
 
     # Meanwhile the first recipient of the second request bounces elsewhere.
     bounced = addresses(tag, 40)[10]
@@ -141,6 +148,27 @@ async def test_a_retry_after_a_crash_resends_the_planned_requests_despite_a_new_
     assert await pool.fetchval(
         "SELECT count(*) FROM provider_requests WHERE campaign_id = $1", spec.campaign_id
     ) == 0, "the plan is cleared once the outcomes are recorded"
+
+
+async def test_a_throttled_retry_keeps_the_plan_of_the_attempt_before_it(
+    pool: asyncpg.Pool, sending: SendingActivities, sim: SimulatorControl, tmp_path: Path
+) -> None:
+    tag = f"thr{uuid.uuid4().hex[:6]}"
+    spec, plan, whole = await prepare(pool, tmp_path, tag, 25)
+    batch = batch_of(spec, plan, whole)
+    await accepted_then_killed(pool, sending, sim, batch, 25)
+
+    await sim.configure(rate_limit_per_second=0.001)  # the next attempt hears only 429s
+    with pytest.raises(ApplicationError, match="rate limit"):
+        await sending._send_batch(batch)
+    await sim.configure(rate_limit_per_second=None)
+    await suppress(pool, spec.org, addresses(tag, 25)[15])
+    outcome = await sending._send_batch(batch)
+
+    stats = await sim.stats()
+    assert stats["duplicated_recipients"] == 0, stats
+    assert stats["accepted_emails"] == 25, stats
+    assert outcome.sent == 25, outcome
 
 
 async def test_a_request_accepted_behind_a_500_is_not_resent_when_its_body_changed(
