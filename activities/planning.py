@@ -20,9 +20,13 @@ INVALID_SPEC_ERROR = "InvalidCampaignSpec"
 MAX_PAGE_ROWS = 100_000
 """Most recipient ids one page reads, whatever the window and batch size ask for."""
 
+# The request key of a recipient an earlier execution left failed or abandoned: a
+# range must not split that request (an index-only probe of deliveries_to_retry).
 _PAGE_AUDIENCE = """
-SELECT id, NULL AS request_key FROM recipients
-WHERE audience_id = $1 AND id > $2 ORDER BY id LIMIT $3
+SELECT r.id, d.request_key FROM recipients r
+LEFT JOIN deliveries d ON d.campaign_id = $4 AND d.recipient_id = r.id
+                      AND d.status IN ('failed', 'abandoned')
+WHERE r.audience_id = $1 AND r.id > $2 ORDER BY r.id LIMIT $3
 """
 _PAGE_LEDGER = """
 SELECT recipient_id AS id, request_key FROM deliveries
@@ -37,21 +41,29 @@ def cut_into_batches(
     """Cut ``(id, request_key)`` rows, in id order, into ranges of about ``batch_size``.
 
     A range never splits the recipients of one earlier provider request (same
-    ``request_key``), so a retry re-sends that request whole, under the same key. On
-    a page that is not the last, the trailing, possibly incomplete request is left
-    for the next page.
+    ``request_key``), so a retry re-sends that request whole, under the same key. A
+    request's recipients are adjacent among the keyed rows (a batch never interleaves
+    two requests), though rows without a key may sit between them. On a page that is
+    not the last, the last request may go on in the next page, so the rows from the
+    last possible cut on are left for it.
     """
+    following: list[str | None] = [None] * len(rows)  # key of the next keyed row
+    upcoming: str | None = None
+    for index in range(len(rows) - 1, -1, -1):
+        following[index] = upcoming
+        upcoming = rows[index][1] or upcoming
     ranges: list[BatchRange] = []
-    start, size = after_id, 0
+    start, size, current = after_id, 0, None
     for index, (recipient_id, key) in enumerate(rows):
         size += 1
-        if key is None:
-            closes_request = True
-        elif index + 1 < len(rows):
-            closes_request = key != rows[index + 1][1]
+        current = key or current  # the request of the last keyed row so far
+        if current is None:
+            can_cut = True
+        elif following[index] is not None:
+            can_cut = following[index] != current
         else:
-            closes_request = last_page  # the page may have cut this request short
-        if size >= batch_size and closes_request:
+            can_cut = last_page  # the current request may go on in the next page
+        if size >= batch_size and can_cut:
             ranges.append(BatchRange(after_id=start, last_id=recipient_id, size=size))
             start, size = recipient_id, 0
     if size and (last_page or not ranges):
@@ -96,13 +108,16 @@ class PlanningActivities:
     @activity.defn
     async def plan_batches(self, request: PlanBatchesInput) -> list[BatchRange]:
         """Return up to ``max_batches`` keyset ranges after ``after_id``."""
-        if request.source == "audience":
-            sql, scope = _PAGE_AUDIENCE, request.audience_id
-        else:
-            sql, scope = _PAGE_LEDGER, request.campaign_id
         batches = max(1, min(request.max_batches, MAX_PAGE_ROWS // request.batch_size))
         limit = request.batch_size * batches
-        rows = await self._pool.fetch(sql, scope, request.after_id, limit)
+        if request.source == "audience":
+            rows = await self._pool.fetch(
+                _PAGE_AUDIENCE, request.audience_id, request.after_id, limit, request.campaign_id
+            )
+        else:
+            rows = await self._pool.fetch(
+                _PAGE_LEDGER, request.campaign_id, request.after_id, limit
+            )
         return cut_into_batches(
             [(row["id"], row["request_key"]) for row in rows],
             request.after_id,

@@ -328,11 +328,13 @@ class SendingActivities:
         skipped = 0
         outcomes = _Outcomes()
         groups: dict[str, list[asyncpg.Record]] = {}
-        fresh: list[asyncpg.Record] = []
+        chunks: list[list[asyncpg.Record]] = [[]]
         for row in rows:
             status = row["status"]
             if row["execution_id"] == batch.execution_id and row["round"] == batch.round:
                 counts[DeliveryStatus(status)] += 1  # decided by an earlier attempt
+                if chunks[-1]:
+                    chunks.append([])
                 continue
             if status == DeliveryStatus.SENT:
                 skipped += 1  # delivered by an earlier execution of this campaign
@@ -342,17 +344,22 @@ class SendingActivities:
             key = planned.get(row["id"]) or (row["request_key"] if status in _RETRIED else None)
             if key:
                 groups.setdefault(key, []).append(row)
+                # New requests do not straddle earlier ones, so that among keyed rows
+                # each request's recipients stay adjacent (see cut_into_batches).
+                if chunks[-1]:
+                    chunks.append([])
             elif row["suppressed"]:
                 outcomes.add(row["id"], DeliveryStatus.SUPPRESSED)
             elif not is_valid_address(row["email"]):
                 outcomes.add(row["id"], DeliveryStatus.REJECTED, error="invalid email address")
             else:
-                fresh.append(row)
+                if len(chunks[-1]) >= batch.batch_size:
+                    chunks.append([])
+                chunks[-1].append(row)
         new = [
             _Request(request_key(campaign.campaign_id, [row["id"] for row in chunk]), chunk)
-            for chunk in (
-                fresh[i : i + batch.batch_size] for i in range(0, len(fresh), batch.batch_size)
-            )
+            for chunk in chunks
+            if chunk
         ]
         await self._plan(batch, new)
         requests = [_Request(key, members) for key, members in groups.items()] + new

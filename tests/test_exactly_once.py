@@ -216,3 +216,46 @@ async def test_a_request_never_accepted_leaves_out_a_recipient_suppressed_since(
     assert all(deliveries.get(email) == 1 for email in addresses(tag, 20) if email != bounced)
     assert (retry.sent, retry.suppressed) == (9, 1), retry
     assert (await ledger(pool, spec.campaign_id))[bounced] == "suppressed"
+
+
+async def test_running_a_campaign_again_resends_each_earlier_failed_request_whole(
+    pool: asyncpg.Pool, sending: SendingActivities, sim: SimulatorControl, tmp_path: Path
+) -> None:
+    tag = f"again{uuid.uuid4().hex[:6]}"
+    spec, plan, whole = await prepare(pool, tmp_path, tag, 30)
+    await sim.script({"status": 500, "phase": "before"})  # one request of ten refused
+    first = await sending._send_batch(batch_of(spec, plan, whole))
+    assert (first.sent, first.failed) == (20, 10), first
+
+    # The campaign runs again (a new execution) in ranges of 4: smaller than the
+    # failed request, which must still go out whole, under its key.
+    ranges = await PlanningActivities(pool).plan_batches(
+        PlanBatchesInput(
+            campaign_id=spec.campaign_id,
+            audience_id=plan.audience_id,
+            source="audience",
+            after_id=0,
+            batch_size=4,
+            max_batches=20,
+        )
+    )
+    again = [
+        await sending._send_batch(
+            SendBatchInput(
+                campaign_id=spec.campaign_id,
+                execution_id="exec-2",
+                audience_id=plan.audience_id,
+                source="audience",
+                round=0,
+                range=batch_range,
+                batch_size=spec.batch_size,
+            )
+        )
+        for batch_range in ranges
+    ]
+
+    assert sum(outcome.sent for outcome in again) == 10
+    assert sum(outcome.skipped for outcome in again) == 20
+    deliveries = await sim.deliveries()
+    assert all(deliveries.get(email) == 1 for email in addresses(tag, 30)), deliveries
+    assert set((await ledger(pool, spec.campaign_id)).values()) == {"sent"}
