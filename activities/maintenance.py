@@ -15,8 +15,10 @@ DATABASE_UNAVAILABLE_ERROR = "FirstPartyRefreshDatabaseUnavailable"
 _UNAVAILABLE = (
     OSError,  # refused, unreachable, timed out
     asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,  # closed connection or pool
-    asyncpg.exceptions.OperatorInterventionError,  # shutting down, starting up
+    asyncpg.ConnectionDoesNotExistError,  # the connection was lost mid-statement
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.CannotConnectNowError,  # starting up
 )
 
 
