@@ -102,6 +102,11 @@ class PlanningActivities:
                 plan.audience_id,
                 spec.model_dump(mode="json"),
             )
+            # Plans left by batches that never recorded (a terminated workflow) are
+            # of no use once the provider has forgotten their keys.
+            await conn.execute(
+                "DELETE FROM provider_requests WHERE planned_at < now() - interval '24 hours'"
+            )
         log.info("campaign prepared", campaign_id=spec.campaign_id, total=plan.total_recipients)
         return plan
 
