@@ -55,10 +55,12 @@ async def prepare(pool: asyncpg.Pool, tmp_path: Path, tag: str, count: int):
     return spec, plan, whole
 
 
-def batch_of(spec, plan, batch_range: BatchRange, round: int = 0) -> SendBatchInput:
+def batch_of(
+    spec, plan, batch_range: BatchRange, round: int = 0, execution_id: str = "exec-1"
+) -> SendBatchInput:
     return SendBatchInput(
         campaign_id=spec.campaign_id,
-        execution_id="exec-1",
+        execution_id=execution_id,
         audience_id=plan.audience_id,
         source="ledger" if round else "audience",
         round=round,
@@ -74,18 +76,23 @@ async def failed_emails(pool: asyncpg.Pool, campaign_id: str) -> list[str]:
     ]
 
 
-async def retry_round(pool: asyncpg.Pool, spec, plan) -> SendBatchInput:
-    """The one batch of retry round 1, as the workflow would plan it."""
-    pages = await PlanningActivities(pool).plan_batches(
+async def plan_ranges(pool: asyncpg.Pool, spec, plan, source: str, size: int) -> list[BatchRange]:
+    """Keyset ranges of about ``size``, as the workflow would plan them."""
+    return await PlanningActivities(pool).plan_batches(
         PlanBatchesInput(
             campaign_id=spec.campaign_id,
             audience_id=plan.audience_id,
-            source="ledger",
+            source=source,
             after_id=0,
-            batch_size=100,
-            max_batches=4,
+            batch_size=size,
+            max_batches=20,
         )
     )
+
+
+async def retry_round(pool: asyncpg.Pool, spec, plan) -> SendBatchInput:
+    """The one batch of retry round 1, as the workflow would plan it."""
+    pages = await plan_ranges(pool, spec, plan, "ledger", 100)
     assert [page.size for page in pages] == [10]
     return batch_of(spec, plan, pages[0], round=1)
 
@@ -229,28 +236,9 @@ async def test_running_a_campaign_again_resends_each_earlier_failed_request_whol
 
     # The campaign runs again (a new execution) in ranges of 4: smaller than the
     # failed request, which must still go out whole, under its key.
-    ranges = await PlanningActivities(pool).plan_batches(
-        PlanBatchesInput(
-            campaign_id=spec.campaign_id,
-            audience_id=plan.audience_id,
-            source="audience",
-            after_id=0,
-            batch_size=4,
-            max_batches=20,
-        )
-    )
+    ranges = await plan_ranges(pool, spec, plan, "audience", 4)
     again = [
-        await sending._send_batch(
-            SendBatchInput(
-                campaign_id=spec.campaign_id,
-                execution_id="exec-2",
-                audience_id=plan.audience_id,
-                source="audience",
-                round=0,
-                range=batch_range,
-                batch_size=spec.batch_size,
-            )
-        )
+        await sending._send_batch(batch_of(spec, plan, batch_range, execution_id="exec-2"))
         for batch_range in ranges
     ]
 
