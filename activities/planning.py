@@ -20,50 +20,38 @@ INVALID_SPEC_ERROR = "InvalidCampaignSpec"
 MAX_PAGE_ROWS = 100_000
 """Most recipient ids one page reads, whatever the window and batch size ask for."""
 
-# The request key of a recipient an earlier execution left failed or abandoned: a
-# range must not split that request (an index-only probe of deliveries_to_retry).
+# The request of a recipient an earlier execution left failed or abandoned, which a
+# range must not split (an index-only probe of deliveries_to_retry).
 _PAGE_AUDIENCE = """
-SELECT r.id, d.request_key FROM recipients r
+SELECT r.id, d.request_last_id FROM recipients r
 LEFT JOIN deliveries d ON d.campaign_id = $4 AND d.recipient_id = r.id
                       AND d.status IN ('failed', 'abandoned')
 WHERE r.audience_id = $1 AND r.id > $2 ORDER BY r.id LIMIT $3
 """
 _PAGE_LEDGER = """
-SELECT recipient_id AS id, request_key FROM deliveries
+SELECT recipient_id AS id, request_last_id FROM deliveries
 WHERE campaign_id = $1 AND status IN ('failed', 'abandoned') AND recipient_id > $2
 ORDER BY recipient_id LIMIT $3
 """
 
 
 def cut_into_batches(
-    rows: list[tuple[int, str | None]], after_id: int, batch_size: int, *, last_page: bool
+    rows: list[tuple[int, int | None]], after_id: int, batch_size: int, *, last_page: bool
 ) -> list[BatchRange]:
-    """Cut ``(id, request_key)`` rows, in id order, into ranges of about ``batch_size``.
+    """Cut ``(id, request_last_id)`` rows, in id order, into ranges of about ``batch_size``.
 
-    A range never splits the recipients of one earlier provider request (same
-    ``request_key``), so a retry re-sends that request whole, under the same key. A
-    request's recipients are adjacent among the keyed rows (a batch never interleaves
-    two requests), though rows without a key may sit between them. On a page that is
-    not the last, the last request may go on in the next page, so the rows from the
-    last possible cut on are left for it.
+    ``request_last_id`` is set on a recipient an earlier provider request carried and
+    failed: the last recipient id of that request. A range never ends inside such a
+    request, so a retry re-sends it whole, under the same key, whatever rows lie
+    between its recipients. On a page that is not the last, rows after the last
+    possible cut are left for the next page.
     """
-    following: list[str | None] = [None] * len(rows)  # key of the next keyed row
-    upcoming: str | None = None
-    for index in range(len(rows) - 1, -1, -1):
-        following[index] = upcoming
-        upcoming = rows[index][1] or upcoming
     ranges: list[BatchRange] = []
-    start, size, current = after_id, 0, None
-    for index, (recipient_id, key) in enumerate(rows):
+    start, size, open_until = after_id, 0, after_id
+    for recipient_id, request_last_id in rows:
         size += 1
-        current = key or current  # the request of the last keyed row so far
-        if current is None:
-            can_cut = True
-        elif following[index] is not None:
-            can_cut = following[index] != current
-        else:
-            can_cut = last_page  # the current request may go on in the next page
-        if size >= batch_size and can_cut:
+        open_until = max(open_until, request_last_id or recipient_id)
+        if size >= batch_size and recipient_id >= open_until:
             ranges.append(BatchRange(after_id=start, last_id=recipient_id, size=size))
             start, size = recipient_id, 0
     if size and (last_page or not ranges):
@@ -124,7 +112,7 @@ class PlanningActivities:
                 _PAGE_LEDGER, request.campaign_id, request.after_id, limit
             )
         return cut_into_batches(
-            [(row["id"], row["request_key"]) for row in rows],
+            [(row["id"], row["request_last_id"]) for row in rows],
             request.after_id,
             request.batch_size,
             last_page=len(rows) < limit,

@@ -96,11 +96,12 @@ WITH planned AS (
       AND $10
 )
 INSERT INTO deliveries AS d (campaign_id, recipient_id, status, execution_id, round,
-                             provider_message_id, request_key, last_error, sent_at)
+                             provider_message_id, request_key, request_last_id, last_error,
+                             sent_at)
 SELECT $1, o.recipient_id, o.status::delivery_status, $2, $3, o.message_id, o.request_key,
-       o.error, CASE WHEN o.status = 'sent' THEN now() END
-FROM unnest($5::bigint[], $6::text[], $7::text[], $8::text[], $9::text[])
-     AS o(recipient_id, status, message_id, request_key, error)
+       o.request_last_id, o.error, CASE WHEN o.status = 'sent' THEN now() END
+FROM unnest($5::bigint[], $6::text[], $7::text[], $8::text[], $11::bigint[], $9::text[])
+     AS o(recipient_id, status, message_id, request_key, request_last_id, error)
 ON CONFLICT (campaign_id, recipient_id) DO UPDATE SET
     status = EXCLUDED.status,
     execution_id = EXCLUDED.execution_id,
@@ -108,6 +109,7 @@ ON CONFLICT (campaign_id, recipient_id) DO UPDATE SET
     attempts = d.attempts + 1,
     provider_message_id = EXCLUDED.provider_message_id,
     request_key = EXCLUDED.request_key,
+    request_last_id = EXCLUDED.request_last_id,
     last_error = EXCLUDED.last_error,
     last_attempt_at = now(),
     sent_at = EXCLUDED.sent_at
@@ -197,6 +199,7 @@ class _Outcomes:
     message_ids: list[str | None] = field(default_factory=list)
     keys: list[str | None] = field(default_factory=list)
     errors: list[str | None] = field(default_factory=list)
+    request_last_ids: list[int | None] = field(default_factory=list)
     last_code: str | None = None
     """The last error in a form that names no recipient: it goes to workflow history."""
 
@@ -209,12 +212,14 @@ class _Outcomes:
         key: str | None = None,
         error: str | None = None,
         code: str | None = None,
+        request_last_id: int | None = None,
     ) -> None:
         self.ids.append(recipient_id)
         self.statuses.append(status.value)
         self.message_ids.append(message_id)
         self.keys.append(key)
         self.errors.append(error)
+        self.request_last_ids.append(request_last_id)
         if error:
             self.last_code = code or error
 
@@ -328,13 +333,11 @@ class SendingActivities:
         skipped = 0
         outcomes = _Outcomes()
         groups: dict[str, list[asyncpg.Record]] = {}
-        chunks: list[list[asyncpg.Record]] = [[]]
+        fresh: list[asyncpg.Record] = []
         for row in rows:
             status = row["status"]
             if row["execution_id"] == batch.execution_id and row["round"] == batch.round:
                 counts[DeliveryStatus(status)] += 1  # decided by an earlier attempt
-                if chunks[-1]:
-                    chunks.append([])
                 continue
             if status == DeliveryStatus.SENT:
                 skipped += 1  # delivered by an earlier execution of this campaign
@@ -344,22 +347,17 @@ class SendingActivities:
             key = planned.get(row["id"]) or (row["request_key"] if status in _RETRIED else None)
             if key:
                 groups.setdefault(key, []).append(row)
-                # New requests do not straddle earlier ones, so that among keyed rows
-                # each request's recipients stay adjacent (see cut_into_batches).
-                if chunks[-1]:
-                    chunks.append([])
             elif row["suppressed"]:
                 outcomes.add(row["id"], DeliveryStatus.SUPPRESSED)
             elif not is_valid_address(row["email"]):
                 outcomes.add(row["id"], DeliveryStatus.REJECTED, error="invalid email address")
             else:
-                if len(chunks[-1]) >= batch.batch_size:
-                    chunks.append([])
-                chunks[-1].append(row)
+                fresh.append(row)
         new = [
             _Request(request_key(campaign.campaign_id, [row["id"] for row in chunk]), chunk)
-            for chunk in chunks
-            if chunk
+            for chunk in (
+                fresh[i : i + batch.batch_size] for i in range(0, len(fresh), batch.batch_size)
+            )
         ]
         await self._plan(batch, new)
         requests = [_Request(key, members) for key, members in groups.items()] + new
@@ -398,6 +396,7 @@ class SendingActivities:
             outcomes.keys,
             outcomes.errors,
             fatal is None and throttled_for is None,
+            outcomes.request_last_ids,
         )
         if fatal is not None:
             log.error("batch stopped", error=fatal.message)
@@ -510,8 +509,17 @@ class SendingActivities:
                 if reply.kind is ReplyKind.REJECTED
                 else DeliveryStatus.FAILED
             )
+            # The request's span keeps later keyset ranges from cutting through it.
+            last_id = members[-1]["id"]
             for row in members:
-                outcomes.add(row["id"], status, key=key, error=reply.error, code=reply.code)
+                outcomes.add(
+                    row["id"],
+                    status,
+                    key=key,
+                    error=reply.error,
+                    code=reply.code,
+                    request_last_id=last_id,
+                )
 
 
 class _Throttled(Exception):
