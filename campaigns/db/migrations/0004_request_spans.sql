@@ -1,4 +1,4 @@
--- The last recipient id of the provider request that carried each recipient. Keyset
+-- The last recipient id of the provider request that failed each recipient. Keyset
 -- ranges of later passes are never cut between a request's first recipient and this
 -- one, so a failed request is always resent whole, whatever rows lie between its
 -- recipients.
