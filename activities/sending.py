@@ -37,6 +37,7 @@ from campaigns.provider import (
     ProviderAuthError,
     ProviderClient,
     ProviderConfigError,
+    ProviderReply,
     ReplyKind,
     request_key,
 )
@@ -188,6 +189,11 @@ class _Request:
 
     key: str
     members: list[asyncpg.Record]
+
+    @classmethod
+    def new(cls, campaign_id: str, members: list[asyncpg.Record]) -> _Request:
+        """A request not sent before, keyed by its recipients."""
+        return cls(request_key(campaign_id, [row["id"] for row in members]), members)
 
 
 @dataclass
@@ -354,10 +360,8 @@ class SendingActivities:
             else:
                 fresh.append(row)
         new = [
-            _Request(request_key(campaign.campaign_id, [row["id"] for row in chunk]), chunk)
-            for chunk in (
-                fresh[i : i + batch.batch_size] for i in range(0, len(fresh), batch.batch_size)
-            )
+            _Request.new(campaign.campaign_id, fresh[i : i + batch.batch_size])
+            for i in range(0, len(fresh), batch.batch_size)
         ]
         await self._plan(batch, new)
         requests = [_Request(key, members) for key, members in groups.items()] + new
@@ -457,69 +461,68 @@ class SendingActivities:
         sent, until the refused recipients are isolated.
         """
         members, key = request.members, request.key
-        body = [row for row in members if not row["suppressed"]]
-        if key in accepted:  # accepted before this attempt: (recipient, message id) pairs
-            pairs = accepted[key]
-            if pairs and isinstance(pairs[0], str):
-                # Heartbeat of an earlier release: message ids in member order.
-                pairs = list(zip((row["id"] for row in members), pairs, strict=False))
-            message_ids = dict(pairs)
-            for row in members:
-                message_id = message_ids.get(row["id"])
-                if message_id is None:  # left out of that body: suppressed then
-                    outcomes.add(row["id"], DeliveryStatus.SUPPRESSED)
+        # (recipient, message id) of each email accepted, by this attempt or before it
+        pairs = accepted.get(key)
+        if pairs is None:
+            body = [row for row in members if not row["suppressed"]]
+            if body:
+                emails = [campaign.render(row, identity) for row in body]
+                reply = await self._provider.send_batch(emails, key)
+                if reply.kind is ReplyKind.ACCEPTED:
+                    pairs = accepted[key] = [
+                        (row["id"], message_id)
+                        for row, message_id in zip(body, reply.message_ids, strict=True)
+                    ]
+                elif reply.kind is ReplyKind.ACCEPTED_EARLIER:
+                    # The provider holds an accepted request under this key: everyone
+                    # it carried was sent, whatever the body looks like now.
+                    for row in members:
+                        outcomes.add(row["id"], DeliveryStatus.SENT, key=key)
+                    return
+                elif reply.kind is ReplyKind.THROTTLED:
+                    raise _Throttled(reply.retry_after or 1.0)
+                elif reply.kind is ReplyKind.REJECTED and len(members) > 1:
+                    middle = len(members) // 2
+                    halves = [
+                        _Request.new(campaign.campaign_id, half)
+                        for half in (members[:middle], members[middle:])
+                    ]
+                    await self._plan(batch, halves)
+                    for half in halves:
+                        await self._send_request(
+                            batch, campaign, identity, half, outcomes, accepted
+                        )
+                    return
                 else:
-                    outcomes.add(row["id"], DeliveryStatus.SENT, message_id=message_id, key=key)
-            return
-        if not body:
-            for row in members:
+                    self._unsent(request, reply, outcomes)
+                    return
+        elif pairs and isinstance(pairs[0], str):
+            # Heartbeat of an earlier release: message ids in member order.
+            pairs = list(zip((row["id"] for row in members), pairs, strict=False))
+        message_ids = dict(pairs or ())
+        for row in members:
+            message_id = message_ids.get(row["id"])
+            if message_id is None:  # left out of the body: suppressed
                 outcomes.add(row["id"], DeliveryStatus.SUPPRESSED)
-            return
-        emails = [campaign.render(row, identity) for row in body]
-        reply = await self._provider.send_batch(emails, key)
-        if reply.kind is ReplyKind.ACCEPTED:
-            accepted[key] = [
-                (row["id"], message_id)
-                for row, message_id in zip(body, reply.message_ids, strict=True)
-            ]
-            for recipient_id, message_id in accepted[key]:
-                outcomes.add(recipient_id, DeliveryStatus.SENT, message_id=message_id, key=key)
-            for row in members:
-                if row["suppressed"]:
-                    outcomes.add(row["id"], DeliveryStatus.SUPPRESSED)
-        elif reply.kind is ReplyKind.ACCEPTED_EARLIER:
-            # The provider holds an accepted request under this key: everyone it
-            # carried was sent, whatever the body looks like now.
-            for row in members:
-                outcomes.add(row["id"], DeliveryStatus.SENT, key=key)
-        elif reply.kind is ReplyKind.THROTTLED:
-            raise _Throttled(reply.retry_after or 1.0)
-        elif reply.kind is ReplyKind.REJECTED and len(members) > 1:
-            middle = len(members) // 2
-            halves = [
-                _Request(request_key(campaign.campaign_id, [row["id"] for row in half]), half)
-                for half in (members[:middle], members[middle:])
-            ]
-            await self._plan(batch, halves)
-            for half in halves:
-                await self._send_request(batch, campaign, identity, half, outcomes, accepted)
-        else:
-            status = (
-                DeliveryStatus.REJECTED
-                if reply.kind is ReplyKind.REJECTED
-                else DeliveryStatus.FAILED
+            else:
+                outcomes.add(row["id"], DeliveryStatus.SENT, message_id=message_id, key=key)
+
+    @staticmethod
+    def _unsent(request: _Request, reply: ProviderReply, outcomes: _Outcomes) -> None:
+        """Record a request refused (422 for one recipient) or failed softly (5xx)."""
+        rejected = reply.kind is ReplyKind.REJECTED
+        status = DeliveryStatus.REJECTED if rejected else DeliveryStatus.FAILED
+        # The request's span keeps later keyset ranges from cutting through it.
+        last_id = request.members[-1]["id"]
+        for row in request.members:
+            outcomes.add(
+                row["id"],
+                status,
+                key=request.key,
+                error=reply.error,
+                code=reply.code,
+                request_last_id=last_id,
             )
-            # The request's span keeps later keyset ranges from cutting through it.
-            last_id = members[-1]["id"]
-            for row in members:
-                outcomes.add(
-                    row["id"],
-                    status,
-                    key=key,
-                    error=reply.error,
-                    code=reply.code,
-                    request_last_id=last_id,
-                )
 
 
 class _Throttled(Exception):

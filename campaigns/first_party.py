@@ -212,10 +212,7 @@ class FirstPartySnapshotCache:
         if version is None:
             return None
         if self._snapshot is None or self._snapshot.version != version:
-            row = await self.pool.fetchrow(_CURRENT)
-            if row is None:  # pragma: no cover - pointer moved away between the reads
-                return self._snapshot
-            self._snapshot = Snapshot(row["version"], frozenset(row["org_ids"]))
+            self._snapshot = await read_current(self.pool) or self._snapshot
         return self._snapshot
 
     async def for_batch(self) -> Snapshot | None:

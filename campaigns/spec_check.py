@@ -69,23 +69,24 @@ def parse_spec(data: str | bytes | dict[str, Any]) -> CampaignSpec:
         if any(item["type"] == "json_invalid" for item in exc.errors()):
             raise InvalidSpec([SpecProblem("spec", "is not valid JSON")]) from None
         raise InvalidSpec(problems_from_validation_error(exc)) from None
-    problems = template_problems(spec)
+    _, problems = _template_fields(spec)
     if problems:
         raise InvalidSpec(problems)
     return spec
 
 
-def template_problems(spec: CampaignSpec) -> list[SpecProblem]:
-    """Placeholders that are not field names, named by their template field."""
+def _template_fields(spec: CampaignSpec) -> tuple[dict[str, set[str]], list[SpecProblem]]:
+    """The merge fields each template uses, and the templates with a placeholder that
+    is not a field name (refused when a spec starts)."""
+    used: dict[str, set[str]] = {}
     problems = []
     for field_name in ("subject", "html", "text"):
         template = getattr(spec, field_name)
         try:
-            if template:
-                fields_used(template)
+            used[field_name] = fields_used(template) if template else set()
         except TemplateError as exc:
             problems.append(SpecProblem(field_name, str(exc)))
-    return problems
+    return used, problems
 
 
 async def check_against_database(
@@ -109,14 +110,9 @@ async def check_against_database(
             [SpecProblem("audience", f"org '{spec.org}' has no audience named '{spec.audience}'")]
         )
     known = BUILTIN_FIELDS | set(audience["merge_fields"])
-    problems = []
-    for field_name in ("subject", "html", "text"):
-        template = getattr(spec, field_name)
-        try:
-            unknown = sorted(fields_used(template) - known) if template else []
-        except TemplateError as exc:  # a placeholder that is not a field name
-            problems.append(SpecProblem(field_name, str(exc)))
-            continue
+    used, problems = _template_fields(spec)
+    for field_name, fields in used.items():
+        unknown = sorted(fields - known)
         if unknown:
             names = ", ".join("{{ " + name + " }}" for name in unknown)
             problems.append(

@@ -131,14 +131,27 @@ async def accepted_then_killed(
     assert await ledger(pool, batch.campaign_id) == {}
 
 
+async def killed_batch(
+    pool: asyncpg.Pool,
+    sending: SendingActivities,
+    sim: SimulatorControl,
+    tmp_path: Path,
+    prefix: str,
+    count: int,
+):
+    """A batch over ``count`` new recipients whose first attempt was accepted, then
+    killed before its ledger write; returns the address tag, the spec and the batch."""
+    tag = f"{prefix}{uuid.uuid4().hex[:6]}"
+    spec, plan, whole = await prepare(pool, tmp_path, tag, count)
+    batch = batch_of(spec, plan, whole)
+    await accepted_then_killed(pool, sending, sim, batch, count)
+    return tag, spec, batch
+
+
 async def test_a_retry_after_a_crash_resends_the_planned_requests_despite_a_new_suppression(
     pool: asyncpg.Pool, sending: SendingActivities, sim: SimulatorControl, tmp_path: Path
 ) -> None:
-    tag = f"wal{uuid.uuid4().hex[:6]}"
-    spec, plan, whole = await prepare(pool, tmp_path, tag, 40)
-    batch = batch_of(spec, plan, whole)
-
-    await accepted_then_killed(pool, sending, sim, batch, 40)
+    tag, spec, batch = await killed_batch(pool, sending, sim, tmp_path, "wal", 40)
 
     # Meanwhile the first recipient of the second request bounces elsewhere.
     bounced = addresses(tag, 40)[10]
@@ -160,10 +173,7 @@ async def test_a_retry_after_a_crash_resends_the_planned_requests_despite_a_new_
 async def test_a_throttled_retry_keeps_the_plan_of_the_attempt_before_it(
     pool: asyncpg.Pool, sending: SendingActivities, sim: SimulatorControl, tmp_path: Path
 ) -> None:
-    tag = f"thr{uuid.uuid4().hex[:6]}"
-    spec, plan, whole = await prepare(pool, tmp_path, tag, 25)
-    batch = batch_of(spec, plan, whole)
-    await accepted_then_killed(pool, sending, sim, batch, 25)
+    tag, spec, batch = await killed_batch(pool, sending, sim, tmp_path, "thr", 25)
 
     await sim.configure(rate_limit_per_second=0.001)  # the next attempt hears only 429s
     with pytest.raises(ApplicationError, match="rate limit"):

@@ -83,26 +83,31 @@ def _retry_after_seconds(value: str | None, default: float = 1.0) -> float:
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
-def _error_name(response: httpx.Response) -> str | None:
-    try:
-        name = response.json().get("name")
-    except (ValueError, AttributeError):
-        return None
-    return name if isinstance(name, str) else None
+@dataclass(frozen=True, slots=True)
+class _ErrorAnswer:
+    """An error answer's body, read once: ``{"statusCode", "name", "message"}``."""
 
+    status: int
+    name: str | None
+    detail: str
 
-def _error_code(response: httpx.Response) -> str:
-    name = _error_name(response)
-    return f"HTTP {response.status_code}" + (f" {name}" if name else "")
+    @classmethod
+    def of(cls, response: httpx.Response) -> _ErrorAnswer:
+        try:
+            body = response.json()
+            name = body.get("name")
+            detail = f"{body.get('name', 'error')}: {body.get('message', '')}".strip()
+        except (ValueError, AttributeError):
+            name, detail = None, response.text[:200]
+        return cls(response.status_code, name if isinstance(name, str) else None, detail)
 
+    @property
+    def code(self) -> str:
+        """Status and error name only: it names no recipient."""
+        return f"HTTP {self.status}" + (f" {self.name}" if self.name else "")
 
-def _error_message(response: httpx.Response) -> str:
-    try:
-        body = response.json()
-        detail = f"{body.get('name', 'error')}: {body.get('message', '')}".strip()
-    except (ValueError, AttributeError):
-        detail = response.text[:200]
-    return f"HTTP {response.status_code} {detail}"
+    def __str__(self) -> str:
+        return f"HTTP {self.status} {self.detail}"
 
 
 class ProviderClient:
@@ -171,15 +176,16 @@ class ProviderClient:
             return ProviderReply(ReplyKind.ACCEPTED, message_ids=ids)
         if status in (401, 403):
             raise ProviderAuthError(
-                f"email provider refused the API key ({_error_message(response)}); "
+                f"email provider refused the API key ({_ErrorAnswer.of(response)}); "
                 "check PROVIDER_API_KEY"
             )
         if status in (404, 405):
             raise ProviderConfigError(
                 f"email provider has no batch endpoint at {response.request.url} "
-                f"({_error_message(response)}); check PROVIDER_BASE_URL"
+                f"({_ErrorAnswer.of(response)}); check PROVIDER_BASE_URL"
             )
-        error, code = _error_message(response), _error_code(response)
+        answer = _ErrorAnswer.of(response)
+        error, code = str(answer), answer.code
         if status == 429:
             return ProviderReply(
                 ReplyKind.THROTTLED,
@@ -187,7 +193,7 @@ class ProviderClient:
                 code=code,
                 retry_after=_retry_after_seconds(response.headers.get("retry-after")),
             )
-        if status == 409 and _error_name(response) == "invalid_idempotent_request":
+        if status == 409 and answer.name == "invalid_idempotent_request":
             return ProviderReply(ReplyKind.ACCEPTED_EARLIER, error=error, code=code)
         if status in (400, 422):
             return ProviderReply(ReplyKind.REJECTED, error=error, code=code)
