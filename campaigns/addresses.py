@@ -15,11 +15,20 @@ _ADDRESS = re.compile(
     r"(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?)+$"
 )
 MAX_ADDRESS_LENGTH = 254
+_DOMAIN = re.compile(
+    r"^(?=.{1,253}$)[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?"
+    r"(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?)+$"
+)
 
 
 def is_valid_address(address: str) -> bool:
     """Return True when ``address`` is a deliverable-looking ``local@domain.tld``."""
-    return len(address) <= MAX_ADDRESS_LENGTH and _ADDRESS.match(address) is not None
+    return len(address) <= MAX_ADDRESS_LENGTH and _ADDRESS.fullmatch(address) is not None
+
+
+def is_valid_domain(name: str) -> bool:
+    """Return True for a DNS name of two or more labels (``brand.example``), at most 253 long."""
+    return _DOMAIN.fullmatch(name) is not None
 
 
 def normalize_address(address: str) -> str:

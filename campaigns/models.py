@@ -8,6 +8,7 @@ PostgreSQL by keyset range.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
@@ -41,6 +42,23 @@ CampaignId = Annotated[
     ),
 ]
 
+ORG_ID_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
+OrgId = Annotated[
+    str,
+    Field(
+        pattern=ORG_ID_PATTERN,
+        description="Letters, digits, '.', '_' or '-'; 1 to 64 characters.",
+    ),
+]
+"""An org id: the same rule wherever one is given (spec, CLI, import)."""
+MAX_AUDIENCE_NAME = 200
+"""Longest audience name, in characters."""
+
+
+def is_valid_org_id(value: str) -> bool:
+    """Whether ``value`` obeys the org id rule (see ``OrgId``)."""
+    return re.fullmatch(ORG_ID_PATTERN, value) is not None
+
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -50,8 +68,10 @@ class CampaignSpec(_Model):
     """What to send, to whom, and how fast. The input of ``CampaignWorkflow``."""
 
     campaign_id: CampaignId
-    org: str = Field(min_length=1, max_length=64)
-    audience: str = Field(min_length=1, max_length=200, description="Audience name in the org.")
+    org: OrgId
+    audience: str = Field(
+        min_length=1, max_length=MAX_AUDIENCE_NAME, description="Audience name in the org."
+    )
     from_address: str = Field(description="'Name <user@example.com>' or 'user@example.com'.")
     reply_to: str | None = None
     subject: str = Field(description="Subject template, e.g. 'Hello {{ name }}'.")
