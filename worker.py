@@ -58,7 +58,7 @@ def build_workers(
             f"unknown worker queue(s) {', '.join(sorted(unknown))}; use campaigns, maintenance"
         )
     if "campaigns" in roles:
-        planning = PlanningActivities(pool)
+        planning = PlanningActivities(pool, client)
         sending = SendingActivities(
             pool,
             provider,

@@ -8,11 +8,29 @@ from __future__ import annotations
 
 import asyncpg
 import structlog
+from pydantic import ValidationError
 from temporalio import activity
+from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
 
-from campaigns.models import BatchRange, CampaignPlan, CampaignSpec, PlanBatchesInput
-from campaigns.spec_check import InvalidSpec, check_against_database
+from campaigns.models import (
+    AbandonFailedInput,
+    BatchRange,
+    CampaignInput,
+    CampaignPlan,
+    CampaignSpec,
+    PlanBatchesInput,
+    SpecInWorkflowInput,
+)
+from campaigns.spec_check import (
+    InvalidSpec,
+    SpecProblem,
+    check_against_database,
+    owned_by_another_workflow,
+    problems_from_validation_error,
+    resolve_templates,
+)
+from campaigns.store.templates import store_templates
 
 log = structlog.get_logger(__name__)
 
@@ -20,19 +38,66 @@ INVALID_SPEC_ERROR = "InvalidCampaignSpec"
 MAX_PAGE_ROWS = 100_000
 """Most recipient ids one page reads, whatever the window and batch size ask for."""
 
-# The request of a recipient an earlier execution left failed or abandoned, which a
-# range must not split (an index-only probe of deliveries_to_retry).
+# Only the campaign's own audience, and only when the campaign belongs to the org the
+# workflow names ($5): no input can page another org's recipients. The request of a
+# recipient an earlier execution left failed or abandoned, which a range must not
+# split, is an index-only probe of deliveries_to_retry.
 _PAGE_AUDIENCE = """
-SELECT r.id, d.request_last_id FROM recipients r
-LEFT JOIN deliveries d ON d.campaign_id = $4 AND d.recipient_id = r.id
+SELECT r.id, d.request_last_id FROM campaigns c
+JOIN recipients r ON r.audience_id = c.audience_id
+LEFT JOIN deliveries d ON d.campaign_id = c.id AND d.recipient_id = r.id
                       AND d.status IN ('failed', 'abandoned')
-WHERE r.audience_id = $1 AND r.id > $2 ORDER BY r.id LIMIT $3
+WHERE c.id = $4 AND c.audience_id = $1 AND ($5::text IS NULL OR c.org_id = $5)
+  AND r.id > $2
+ORDER BY r.id LIMIT $3
 """
 _PAGE_LEDGER = """
-SELECT recipient_id AS id, request_last_id FROM deliveries
-WHERE campaign_id = $1 AND status IN ('failed', 'abandoned') AND recipient_id > $2
-ORDER BY recipient_id LIMIT $3
+SELECT d.recipient_id AS id, d.request_last_id FROM deliveries d
+WHERE d.campaign_id = $1 AND d.status IN ('failed', 'abandoned') AND d.recipient_id > $2
+  AND EXISTS (SELECT 1 FROM campaigns c
+              WHERE c.id = $1 AND ($4::text IS NULL OR c.org_id = $4))
+ORDER BY d.recipient_id LIMIT $3
 """
+_CAMPAIGN_SCOPE = "SELECT org_id, audience_id FROM campaigns WHERE id = $1"
+
+
+def scope_problem(
+    campaign_id: str,
+    stored: tuple[str, int] | None,
+    org: str | None,
+    audience_id: int | None,
+) -> str | None:
+    """Why a step may not touch ``campaign_id``'s rows for ``org`` and ``audience_id``.
+
+    ``stored`` is the campaign's (org, audience id) as ``prepare_campaign`` recorded
+    them; ``org`` None stands for a run of an older version, which did not send it.
+    """
+    if stored is None:
+        return f"campaign '{campaign_id}' was not prepared"
+    stored_org, stored_audience = stored
+    if org is not None and org != stored_org:
+        return f"campaign '{campaign_id}' belongs to another org than '{org}'"
+    if audience_id is not None and audience_id != stored_audience:
+        return f"audience {audience_id} is not the audience of campaign '{campaign_id}'"
+    return None
+
+
+async def check_scope(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    campaign_id: str,
+    org: str | None,
+    audience_id: int | None = None,
+) -> None:
+    """Refuse, without retry, a step on rows outside the campaign's org and audience.
+
+    Raises:
+        ApplicationError: non-retryable ``InvalidCampaignSpec``.
+    """
+    row = await conn.fetchrow(_CAMPAIGN_SCOPE, campaign_id)
+    stored = (row["org_id"], row["audience_id"]) if row else None
+    problem = scope_problem(campaign_id, stored, org, audience_id)
+    if problem:
+        raise ApplicationError(problem, type=INVALID_SPEC_ERROR, non_retryable=True)
 
 
 def cut_into_batches(
@@ -62,54 +127,103 @@ def cut_into_batches(
 class PlanningActivities:
     """Campaign preparation and keyset paging; holds the worker's connection pool."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
-        """Use ``pool`` for every query."""
+    def __init__(self, pool: asyncpg.Pool, client: Client | None = None) -> None:
+        """Use ``pool`` for every query, and ``client`` to read a workflow's own input."""
         self._pool = pool
+        self._client = client
 
     @activity.defn
-    async def prepare_campaign(self, spec: CampaignSpec) -> CampaignPlan:
+    async def prepare_campaign(self, request: CampaignSpec | SpecInWorkflowInput) -> CampaignPlan:
         """Check the spec against the database and store it for the batch activities.
+
+        ``request`` is the spec, its templates inline or by reference, or a pointer to
+        the workflow's own input when that holds the templates inline (so they are not
+        repeated in history). The templates are stored by digest, the whole spec in
+        ``campaigns``, and the campaign id is bound to this workflow.
 
         Raises:
             ApplicationError: non-retryable ``InvalidCampaignSpec`` naming the bad fields.
         """
-        async with self._pool.acquire() as conn, conn.transaction():
-            try:
-                plan = await check_against_database(conn, spec)
-            except InvalidSpec as exc:
-                raise ApplicationError(
-                    str(exc), type=INVALID_SPEC_ERROR, non_retryable=True
-                ) from None
-            await conn.execute(
-                """INSERT INTO campaigns (id, org_id, audience_id, spec)
-                   VALUES ($1, $2, $3, $4)
-                   ON CONFLICT (id) DO UPDATE
-                   SET spec = EXCLUDED.spec, updated_at = now()""",
-                spec.campaign_id,
-                spec.org,
-                plan.audience_id,
-                spec.model_dump(mode="json"),
-            )
-            # Plans left by batches that never recorded (a terminated workflow) are
-            # of no use once the provider has forgotten their keys.
-            await conn.execute(
-                "DELETE FROM provider_requests WHERE planned_at < now() - interval '24 hours'"
-            )
+        workflow_id = activity.info().workflow_id if activity.in_activity() else None
+        try:
+            spec = request if isinstance(request, CampaignSpec) else await self._spec_in_input()
+            async with self._pool.acquire() as conn, conn.transaction():
+                templates = await resolve_templates(conn, spec)
+                full = spec.with_templates(templates)
+                plan = await check_against_database(conn, full, workflow_id=workflow_id)
+                await store_templates(conn, spec.org, templates)
+                owner = await conn.fetchval(
+                    """INSERT INTO campaigns (id, org_id, audience_id, spec, workflow_id)
+                       VALUES ($1, $2, $3, $4, $5)
+                       ON CONFLICT (id) DO UPDATE
+                       SET spec = EXCLUDED.spec, updated_at = now(),
+                           workflow_id = coalesce(EXCLUDED.workflow_id, campaigns.workflow_id)
+                       WHERE campaigns.workflow_id IS NULL OR EXCLUDED.workflow_id IS NULL
+                          OR campaigns.workflow_id = EXCLUDED.workflow_id
+                       RETURNING id""",
+                    spec.campaign_id,
+                    spec.org,
+                    plan.audience_id,
+                    full.model_dump(mode="json", exclude={"template_digest"}),
+                    workflow_id,
+                )
+                if owner is None:  # another workflow took the id since the check
+                    taken_by = await conn.fetchval(
+                        "SELECT workflow_id FROM campaigns WHERE id = $1", spec.campaign_id
+                    )
+                    raise InvalidSpec([owned_by_another_workflow(spec.campaign_id, taken_by)])
+                # Plans left by batches that never recorded (a terminated workflow) are
+                # of no use once the provider has forgotten their keys.
+                await conn.execute(
+                    "DELETE FROM provider_requests WHERE planned_at < now() - interval '24 hours'"
+                )
+        except InvalidSpec as exc:
+            raise ApplicationError(str(exc), type=INVALID_SPEC_ERROR, non_retryable=True) from None
         log.info("campaign prepared", campaign_id=spec.campaign_id, total=plan.total_recipients)
         return plan
 
+    async def _spec_in_input(self) -> CampaignSpec:
+        """The spec in this activity's workflow's start event (its templates inline)."""
+        if self._client is None:
+            raise RuntimeError("reading a workflow's input needs a Temporal client")
+        info = activity.info()
+        handle = self._client.get_workflow_handle(info.workflow_id, run_id=info.workflow_run_id)
+        async for event in handle.fetch_history_events(page_size=1):
+            payloads = event.workflow_execution_started_event_attributes.input.payloads
+            break
+        else:
+            raise RuntimeError(f"workflow {info.workflow_id} has no history")
+        values = await self._client.data_converter.decode(payloads) if payloads else []
+        if len(values) != 1:
+            raise InvalidSpec([SpecProblem("spec", "the workflow needs one input")])
+        try:
+            return CampaignInput.model_validate(values[0]).spec()
+        except ValidationError as error:
+            raise InvalidSpec(problems_from_validation_error(error)) from None
+
     @activity.defn
     async def plan_batches(self, request: PlanBatchesInput) -> list[BatchRange]:
-        """Return up to ``max_batches`` keyset ranges after ``after_id``."""
+        """Return up to ``max_batches`` keyset ranges after ``after_id``.
+
+        Raises:
+            ApplicationError: non-retryable ``InvalidCampaignSpec`` when the audience or
+                the org is not the campaign's.
+        """
+        await check_scope(self._pool, request.campaign_id, request.org, request.audience_id)
         batches = max(1, min(request.max_batches, MAX_PAGE_ROWS // request.batch_size))
         limit = request.batch_size * batches
         if request.source == "audience":
             rows = await self._pool.fetch(
-                _PAGE_AUDIENCE, request.audience_id, request.after_id, limit, request.campaign_id
+                _PAGE_AUDIENCE,
+                request.audience_id,
+                request.after_id,
+                limit,
+                request.campaign_id,
+                request.org,
             )
         else:
             rows = await self._pool.fetch(
-                _PAGE_LEDGER, request.campaign_id, request.after_id, limit
+                _PAGE_LEDGER, request.campaign_id, request.after_id, limit, request.org
             )
         return cut_into_batches(
             [(row["id"], row["request_last_id"]) for row in rows],
@@ -119,13 +233,21 @@ class PlanningActivities:
         )
 
     @activity.defn
-    async def abandon_failed(self, campaign_id: str) -> int:
-        """Mark the recipients still failing after the last retry round as abandoned."""
+    async def abandon_failed(self, request: AbandonFailedInput | str) -> int:
+        """Mark the recipients still failing after the last retry round as abandoned.
+
+        ``request`` is a bare campaign id in runs of older versions.
+        """
+        if isinstance(request, str):
+            request = AbandonFailedInput.model_construct(campaign_id=request, org=None)
         result = await self._pool.execute(
-            """UPDATE deliveries SET status = 'abandoned', last_attempt_at = now()
-               WHERE campaign_id = $1 AND status = 'failed'""",
-            campaign_id,
+            """UPDATE deliveries d SET status = 'abandoned', last_attempt_at = now()
+               FROM campaigns c
+               WHERE c.id = d.campaign_id AND d.campaign_id = $1 AND d.status = 'failed'
+                 AND ($2::text IS NULL OR c.org_id = $2)""",
+            request.campaign_id,
+            request.org,
         )
         abandoned = int(result.split()[-1])
-        log.info("recipients abandoned", campaign_id=campaign_id, abandoned=abandoned)
+        log.info("recipients abandoned", campaign_id=request.campaign_id, abandoned=abandoned)
         return abandoned

@@ -27,9 +27,11 @@ from datetime import timedelta
 
 import asyncpg
 import structlog
+from pydantic import ValidationError
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.planning import INVALID_SPEC_ERROR, scope_problem
 from campaigns.addresses import is_valid_address
 from campaigns.first_party import FirstPartySnapshotCache
 from campaigns.models import BatchOutcome, CampaignSpec, DeliveryStatus, SendBatchInput
@@ -57,20 +59,24 @@ _COLUMNS = """
     d.status::text AS status, d.execution_id, d.round, d.request_key,
     s.email IS NOT NULL AS suppressed
 """
+# Both reads start from the campaign's row and require its org ($2) and audience ($3):
+# no batch input can read another org's recipients, suppressions or ledger rows.
 _READ_AUDIENCE_RANGE = f"""
 SELECT {_COLUMNS}
-FROM recipients r
-LEFT JOIN deliveries d ON d.campaign_id = $1 AND d.recipient_id = r.id
-LEFT JOIN suppressions s ON s.org_id = $2 AND s.email = r.email
-WHERE r.audience_id = $3 AND r.id > $4 AND r.id <= $5
+FROM campaigns c
+JOIN recipients r ON r.audience_id = c.audience_id
+LEFT JOIN deliveries d ON d.campaign_id = c.id AND d.recipient_id = r.id
+LEFT JOIN suppressions s ON s.org_id = c.org_id AND s.email = r.email
+WHERE c.id = $1 AND c.org_id = $2 AND c.audience_id = $3 AND r.id > $4 AND r.id <= $5
 ORDER BY r.id
 """
 _READ_LEDGER_RANGE = f"""
 SELECT {_COLUMNS}
-FROM deliveries d
-JOIN recipients r ON r.id = d.recipient_id
-LEFT JOIN suppressions s ON s.org_id = $2 AND s.email = r.email
-WHERE d.campaign_id = $1 AND r.audience_id = $3
+FROM campaigns c
+JOIN deliveries d ON d.campaign_id = c.id
+JOIN recipients r ON r.id = d.recipient_id AND r.audience_id = c.audience_id
+LEFT JOIN suppressions s ON s.org_id = c.org_id AND s.email = r.email
+WHERE c.id = $1 AND c.org_id = $2 AND c.audience_id = $3
   AND d.recipient_id > $4 AND d.recipient_id <= $5
   AND (d.status IN ('failed', 'abandoned') OR (d.execution_id = $6 AND d.round = $7))
 ORDER BY d.recipient_id
@@ -124,6 +130,7 @@ class _Campaign:
 
     campaign_id: str
     org: str
+    audience_id: int
     sender: str
     verified_domain: str | None
     reply_to: str | None
@@ -134,16 +141,20 @@ class _Campaign:
     tags: list[dict[str, str]]
 
     @classmethod
-    def from_spec(cls, spec: CampaignSpec, verified_domain: str | None) -> _Campaign:
+    def from_spec(
+        cls, spec: CampaignSpec, audience_id: int, verified_domain: str | None
+    ) -> _Campaign:
         tags = [{"name": "campaign", "value": _tag_value(spec.campaign_id)}]
         tags += [{"name": _tag_value(k), "value": _tag_value(v)} for k, v in spec.tags.items()]
         return cls(
             campaign_id=spec.campaign_id,
             org=spec.org,
+            audience_id=audience_id,
             sender=spec.from_address,
             verified_domain=verified_domain,
             reply_to=spec.reply_to,
-            subject=compile_template(spec.subject),
+            # Merge values in a subject lose their line breaks: it becomes a header.
+            subject=compile_template(spec.subject or "", header_value=True),
             html=compile_template(spec.html, html_body=True) if spec.html else None,
             html_has_links="href=" in (spec.html or ""),
             text=compile_template(spec.text) if spec.text else None,
@@ -252,24 +263,36 @@ class SendingActivities:
         self._first_party = FirstPartySnapshotCache(pool, bootstrap=refresh_first_party)
         self._campaigns: OrderedDict[tuple[str, str], _Campaign] = OrderedDict()
 
-    async def _campaign(self, campaign_id: str, execution_id: str) -> _Campaign:
-        key = (campaign_id, execution_id)
+    async def _campaign(self, batch: SendBatchInput) -> _Campaign:
+        """The batch's campaign, as ``prepare_campaign`` stored it, checked against the
+        org and audience the batch names."""
+        key = (batch.campaign_id, batch.execution_id)
         cached = self._campaigns.get(key)
         if cached is None:
             row = await self._pool.fetchrow(
-                """SELECT c.spec, o.verified_domain FROM campaigns c
+                """SELECT c.spec, c.org_id, c.audience_id, o.verified_domain FROM campaigns c
                    JOIN orgs o ON o.id = c.org_id WHERE c.id = $1""",
-                campaign_id,
+                batch.campaign_id,
             )
-            if row is None:
+            stored = (row["org_id"], row["audience_id"]) if row else None
+            _refuse_out_of_scope(batch, stored)
+            assert row is not None
+            try:
+                spec = CampaignSpec.model_validate(row["spec"])
+            except ValidationError as error:
+                fields = ", ".join(sorted({str(item["loc"][0]) for item in error.errors()}))
                 raise ApplicationError(
-                    f"campaign '{campaign_id}' was not prepared", non_retryable=True
-                )
-            spec = CampaignSpec.model_validate(row["spec"])
-            cached = _Campaign.from_spec(spec, row["verified_domain"])
+                    f"the stored spec of campaign '{batch.campaign_id}' is no longer valid "
+                    f"({fields}); start the campaign again with a corrected spec",
+                    type=INVALID_SPEC_ERROR,
+                    non_retryable=True,
+                ) from None
+            cached = _Campaign.from_spec(spec, row["audience_id"], row["verified_domain"])
             self._campaigns[key] = cached
             while len(self._campaigns) > 64:
                 self._campaigns.popitem(last=False)
+        else:
+            _refuse_out_of_scope(batch, (cached.org, cached.audience_id))
         return cached
 
     async def _identity(self, campaign: _Campaign) -> SenderIdentity:
@@ -317,7 +340,7 @@ class SendingActivities:
         """
         accepted = {} if accepted is None else accepted
         started = time.perf_counter()
-        campaign = await self._campaign(batch.campaign_id, batch.execution_id)
+        campaign = await self._campaign(batch)
         identity = await self._identity(campaign)
         sql = _READ_AUDIENCE_RANGE if batch.source == "audience" else _READ_LEDGER_RANGE
         args: tuple[object, ...] = (
@@ -523,6 +546,12 @@ class SendingActivities:
                 code=reply.code,
                 request_last_id=last_id,
             )
+
+
+def _refuse_out_of_scope(batch: SendBatchInput, stored: tuple[str, int] | None) -> None:
+    problem = scope_problem(batch.campaign_id, stored, batch.org, batch.audience_id)
+    if problem:
+        raise ApplicationError(problem, type=INVALID_SPEC_ERROR, non_retryable=True)
 
 
 class _Throttled(Exception):

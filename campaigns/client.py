@@ -12,6 +12,7 @@ campaign's history.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -20,21 +21,34 @@ from typing import Any
 import asyncpg
 from temporalio.client import (
     Client,
+    WorkflowExecutionDescription,
     WorkflowExecutionStatus,
     WorkflowHandle,
+    WorkflowQueryFailedError,
+    WorkflowQueryRejectedError,
     WorkflowUpdateFailedError,
 )
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from campaigns import db
 from campaigns import search_attributes as sa
-from campaigns.models import CampaignSpec, CampaignState, CampaignStatus
+from campaigns.models import CampaignSpec, CampaignState, CampaignStatus, rate_problem
 from campaigns.settings import Settings
-from campaigns.spec_check import check_against_database
+from campaigns.spec_check import (
+    InvalidSpec,
+    SpecProblem,
+    check_against_database,
+    owned_by_another_workflow,
+)
+from campaigns.store.templates import store_templates
 from campaigns.temporal import WORKFLOW_TYPE, connect
 from workflows import CampaignWorkflow
 from workflows.campaign import FINAL_STATUS_MEMO
+
+ANSWER_TIMEOUT_SECONDS = 30.0
+"""Longest a status read or a control waits for Temporal and a worker to answer."""
 
 
 class CampaignClientError(RuntimeError):
@@ -81,10 +95,16 @@ class CampaignClient:
     async def start(self, spec: CampaignSpec, workflow_id: str | None = None) -> WorkflowHandle:
         """Start a campaign whose spec was already validated.
 
+        Inline templates are stored in the database first (``settings.database_url``),
+        so the workflow input carries only their digest and history stays small
+        whatever their size.
+
         Raises:
             CampaignAlreadyRunning: a workflow with this id is running.
+            InvalidSpec: the org is unknown, or another workflow owns the campaign id.
         """
         workflow_id = workflow_id or spec.campaign_id
+        spec = await self._stored_by_reference(spec, workflow_id)
         try:
             return await self.temporal.start_workflow(
                 CampaignWorkflow.run,
@@ -107,27 +127,79 @@ class CampaignClient:
                 f"watch it with `campaigns status {workflow_id}`"
             ) from None
 
+    async def _stored_by_reference(self, spec: CampaignSpec, workflow_id: str) -> CampaignSpec:
+        """Store inline templates and return the spec by reference; check the id's owner."""
+        templates = spec.templates()
+        conn = await db.connect(self.settings.require_database_url())
+        try:
+            owner = await conn.fetchval(
+                "SELECT workflow_id FROM campaigns WHERE id = $1", spec.campaign_id
+            )
+            if owner is not None and owner != workflow_id:
+                raise InvalidSpec([owned_by_another_workflow(spec.campaign_id, owner)])
+            if templates is None:
+                return spec
+            try:
+                digest = await store_templates(conn, spec.org, templates)
+            except asyncpg.ForeignKeyViolationError:
+                raise InvalidSpec([SpecProblem("org", f"unknown org '{spec.org}'")]) from None
+        finally:
+            await conn.close()
+        return spec.by_reference(digest)
+
+    async def _describe(self, workflow_id: str) -> WorkflowExecutionDescription:
+        """The workflow's description, refusing a workflow that is not a campaign."""
+        handle = self.temporal.get_workflow_handle(workflow_id)
+        try:
+            async with asyncio.timeout(ANSWER_TIMEOUT_SECONDS):
+                description = await handle.describe()
+        except TimeoutError:
+            raise CampaignClientError(
+                f"Temporal did not answer within {ANSWER_TIMEOUT_SECONDS:.0f}s"
+            ) from None
+        except RPCError as exc:
+            if exc.status == RPCStatusCode.NOT_FOUND:
+                raise CampaignNotFound(f"no campaign workflow with id '{workflow_id}'") from None
+            raise CampaignClientError(f"cannot describe '{workflow_id}': {exc.message}") from None
+        if description.workflow_type != WORKFLOW_TYPE:
+            raise CampaignNotFound(
+                f"workflow '{workflow_id}' is a {description.workflow_type}, not a campaign"
+            )
+        return description
+
     async def status(self, workflow_id: str) -> CampaignStatus:
         """The campaign's status: once closed, the summary it ended with (no worker
         needed); while it runs, its ``status`` query."""
         handle = self.temporal.get_workflow_handle(workflow_id, result_type=CampaignStatus)
+        description = await self._describe(workflow_id)
         try:
-            description = await handle.describe()
-        except RPCError as exc:
-            if exc.status == RPCStatusCode.NOT_FOUND:
-                raise CampaignNotFound(f"no campaign workflow with id '{workflow_id}'") from None
-            raise
-        if description.status != WorkflowExecutionStatus.RUNNING:
-            final = await description.memo_value(FINAL_STATUS_MEMO, None, type_hint=CampaignStatus)
-            if final is not None:
-                return final
-        if description.status == WorkflowExecutionStatus.COMPLETED:
-            return await handle.result()
-        try:
-            return await handle.query(CampaignWorkflow.status)
-        except RPCError as exc:
+            async with asyncio.timeout(ANSWER_TIMEOUT_SECONDS):
+                if description.status != WorkflowExecutionStatus.RUNNING:
+                    final = await description.memo_value(
+                        FINAL_STATUS_MEMO, None, type_hint=CampaignStatus
+                    )
+                    if final is not None:
+                        return final
+                if description.status == WorkflowExecutionStatus.COMPLETED:
+                    return await handle.result()
+                if description.status != WorkflowExecutionStatus.RUNNING:
+                    state = description.status.name.lower() if description.status else "closed"
+                    raise CampaignClientError(
+                        f"campaign '{workflow_id}' is {state} and left no summary"
+                    )
+                return await handle.query(CampaignWorkflow.status)
+        except TimeoutError:
             raise CampaignClientError(
-                f"cannot read the status of '{workflow_id}' ({exc}); is a worker running?"
+                f"no worker answered for '{workflow_id}' within {ANSWER_TIMEOUT_SECONDS:.0f}s; "
+                "is a worker running?"
+            ) from None
+        except (RPCError, WorkflowQueryFailedError, WorkflowQueryRejectedError) as exc:
+            raise CampaignClientError(
+                f"cannot read the status of '{workflow_id}' ({_message(exc)}); is a worker running?"
+            ) from None
+        except (ValueError, TypeError) as exc:  # a result or memo that is not a status
+            raise CampaignClientError(
+                f"'{workflow_id}' has no readable campaign status ({type(exc).__name__})"
             ) from None
 
     async def list(
@@ -157,11 +229,22 @@ class CampaignClient:
     async def _control(
         self, workflow_id: str, update: Callable[..., Any], *args: Any
     ) -> CampaignStatus:
+        await self._describe(workflow_id)
         handle = self.temporal.get_workflow_handle(workflow_id)
         try:
-            return await handle.execute_update(update, *args, result_type=CampaignStatus)
+            async with asyncio.timeout(ANSWER_TIMEOUT_SECONDS):
+                return await handle.execute_update(update, *args, result_type=CampaignStatus)
+        except TimeoutError:
+            raise CampaignClientError(
+                f"no worker answered for '{workflow_id}' within {ANSWER_TIMEOUT_SECONDS:.0f}s; "
+                "is a worker running?"
+            ) from None
         except WorkflowUpdateFailedError as exc:
-            raise ControlRefused(str(exc.cause)) from None
+            raise ControlRefused(_message(exc.cause)) from None
+        except (ValueError, TypeError) as exc:
+            raise CampaignClientError(
+                f"'{workflow_id}' answered with no campaign status ({type(exc).__name__})"
+            ) from None
         except RPCError as exc:
             if exc.status == RPCStatusCode.NOT_FOUND:
                 if "completed" in exc.message.lower():
@@ -169,7 +252,9 @@ class CampaignClient:
                         f"campaign '{workflow_id}' has finished; there is nothing to change"
                     ) from None
                 raise CampaignNotFound(f"no campaign workflow with id '{workflow_id}'") from None
-            raise
+            raise CampaignClientError(
+                f"'{workflow_id}' refused the control: {exc.message}"
+            ) from None
 
     async def pause(self, workflow_id: str) -> CampaignStatus:
         """Stop starting batches; those in flight finish and are recorded."""
@@ -188,7 +273,15 @@ class CampaignClient:
         return await self._control(workflow_id, CampaignWorkflow.set_window, window)
 
     async def set_rate(self, workflow_id: str, rate_per_second: float | None) -> CampaignStatus:
-        """Change the send rate limit in emails/s (None: no limit)."""
+        """Change the send rate limit in emails/s (None: no limit).
+
+        Raises:
+            ControlRefused: the rate is not finite, positive and within the maximum
+                (checked here too: JSON has no NaN, and it would arrive as null, "no limit").
+        """
+        problem = rate_problem(rate_per_second)
+        if problem:
+            raise ControlRefused(problem)
         return await self._control(workflow_id, CampaignWorkflow.set_rate, rate_per_second)
 
     async def reschedule(self, workflow_id: str, send_at: datetime) -> CampaignStatus:
@@ -214,8 +307,31 @@ class CampaignClient:
         if stored is None:
             raise ControlRefused(f"campaign '{status.campaign_id}' never started sending")
         spec = CampaignSpec.model_validate({**stored, "send_to": "failed", "send_at": None})
-        await check_against_database(conn, spec)
+        failed = await conn.fetchval(
+            """SELECT count(*) FROM deliveries
+               WHERE campaign_id = $1 AND status IN ('failed', 'abandoned')""",
+            spec.campaign_id,
+        )
+        if not failed:
+            hint = (
+                f"; to send to the recipients it never reached, start its spec again "
+                f"(`campaigns start SPEC.json --workflow-id {workflow_id}`): recipients "
+                "already sent are skipped"
+                if status.state is CampaignState.CANCELLED
+                else ""
+            )
+            raise ControlRefused(
+                f"campaign '{status.campaign_id}' has no failed or abandoned recipients: "
+                f"nothing to retry{hint}"
+            )
+        await check_against_database(conn, spec, workflow_id=workflow_id)
         return await self.start(spec, workflow_id), spec
+
+
+def _message(error: BaseException | None) -> str:
+    """A failure's own message, without the exception class name."""
+    message = getattr(error, "message", None)
+    return message if isinstance(message, str) and message else str(error)
 
 
 def _quoted(value: str) -> str:

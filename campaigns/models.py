@@ -8,10 +8,13 @@ PostgreSQL by keyset range.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 import re
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import (
     AwareDatetime,
@@ -22,9 +25,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from typing_extensions import TypeAliasType
 
 from campaigns.addresses import parse_sender
+from campaigns.safe_text import control_character_problem, refuse_control_characters
 from campaigns.templates import fields_used
 
 MAX_PROVIDER_BATCH = 100
@@ -64,19 +67,132 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+MAX_TEMPLATE_BYTES = 512 * 1024
+"""Largest subject or body template, in UTF-8 bytes."""
+MAX_TEMPLATES_BYTES = 1024 * 1024
+"""Largest subject and bodies together, in UTF-8 bytes."""
+MAX_SUBJECT_CHARS = 998
+"""RFC 5322's line limit: a subject template longer than this cannot be a header."""
+MAX_TAG_CHARS = 256
+"""The provider's limit on a tag's name and value."""
+MAX_RATE_PER_SECOND = 1_000_000.0
+"""Highest send rate a campaign may ask for, in emails per second."""
+MAX_LATENESS_SECONDS = 7 * 86_400
+"""Longest a campaign may still start after its ``send_at``."""
+MAX_SCHEDULE_AHEAD_DAYS = 366
+"""Furthest ahead a ``send_at`` may be."""
+TEMPLATE_FIELDS = ("subject", "html", "text")
+
+TemplateDigest = Annotated[
+    str,
+    Field(
+        pattern=r"^sha256:[0-9a-f]{64}$",
+        description="Digest of templates stored in the database (campaigns.store.templates).",
+    ),
+]
+SendRate = Annotated[float, Field(gt=0, le=MAX_RATE_PER_SECOND, allow_inf_nan=False)]
+"""An emails-per-second limit: finite, positive, at most ``MAX_RATE_PER_SECOND``."""
+
+
+def rate_problem(rate: float | None) -> str | None:
+    """Why ``rate`` is not a valid send rate limit (None lifts the limit), or None."""
+    if rate is None:
+        return None
+    if not isinstance(rate, int | float) or isinstance(rate, bool) or not math.isfinite(rate):
+        return f"rate must be a finite number of emails per second (got {rate!r})"
+    if not 0 < rate <= MAX_RATE_PER_SECOND:
+        return (
+            f"rate must be more than 0 and at most {MAX_RATE_PER_SECOND:,.0f} emails per "
+            f"second, or null for no limit (got {rate:g})"
+        )
+    return None
+
+
+def send_at_problem(send_at: datetime, now: datetime, max_lateness_seconds: int) -> str | None:
+    """Why ``send_at`` cannot be a campaign's start at ``now``, or None.
+
+    Too far ahead is refused, and so is a time already past by more than
+    ``max_lateness_seconds``: such a campaign would end expired at once.
+    """
+    if send_at.tzinfo is None:
+        return "needs a timezone, e.g. 2026-12-01T09:00:00+00:00"
+    if send_at - now > timedelta(days=MAX_SCHEDULE_AHEAD_DAYS):
+        return f"must be at most {MAX_SCHEDULE_AHEAD_DAYS} days ahead (got {send_at.isoformat()})"
+    late = (now - send_at).total_seconds()
+    if late > max_lateness_seconds:
+        return (
+            f"{send_at.isoformat()} is {late:,.0f}s ago, more than max_lateness_seconds "
+            f"({max_lateness_seconds:,}): the campaign would expire without sending"
+        )
+    return None
+
+
+def _utf8_size(value: str) -> int:
+    # A cheap upper bound first: most templates are far below the limit.
+    return len(value) if len(value) * 4 <= MAX_TEMPLATE_BYTES else len(value.encode())
+
+
+class CampaignTemplates(_Model):
+    """A campaign's subject and bodies: stored once in PostgreSQL, named by digest."""
+
+    subject: str
+    html: str | None = None
+    text: str | None = None
+
+    def digest(self) -> str:
+        """``sha256:`` of the templates, the reference a workflow input carries."""
+        canonical = json.dumps(
+            {"subject": self.subject, "html": self.html, "text": self.text},
+            sort_keys=True,
+            ensure_ascii=False,
+            separators=(",", ":"),
+        )
+        return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+
+    def merge_fields(self) -> set[str]:
+        """All merge-field names the templates use."""
+        used: set[str] = set()
+        for template in (self.subject, self.html, self.text):
+            if template:
+                used |= fields_used(template)
+        return used
+
+
+def _tag_part(value: str, what: str) -> None:
+    if not value:
+        raise ValueError(f"tag {what}s must not be empty")
+    if len(value) > MAX_TAG_CHARS:
+        raise ValueError(f"tag {what}s are at most {MAX_TAG_CHARS} characters (got {len(value)})")
+    problem = control_character_problem(value)
+    if problem:
+        raise ValueError(f"tag {what} {problem}")
+
+
 class CampaignSpec(_Model):
-    """What to send, to whom, and how fast. The input of ``CampaignWorkflow``."""
+    """What to send, to whom, and how fast. The input of ``CampaignWorkflow``.
+
+    The templates come inline (``subject``, ``html``, ``text``), as users write them,
+    or by reference (``template_digest``) once stored in the database: our CLI and
+    Python client store them first, so workflow history carries only the digest.
+    """
 
     campaign_id: CampaignId
     org: OrgId
     audience: str = Field(
         min_length=1, max_length=MAX_AUDIENCE_NAME, description="Audience name in the org."
     )
-    from_address: str = Field(description="'Name <user@example.com>' or 'user@example.com'.")
-    reply_to: str | None = None
-    subject: str = Field(description="Subject template, e.g. 'Hello {{ name }}'.")
+    from_address: str = Field(
+        max_length=320, description="'Name <user@example.com>' or 'user@example.com'."
+    )
+    reply_to: str | None = Field(default=None, max_length=320)
+    subject: str | None = Field(
+        default=None, description="Subject template, e.g. 'Hello {{ name }}'."
+    )
     html: str | None = Field(default=None, description="HTML body template.")
     text: str | None = Field(default=None, description="Plain-text body template.")
+    template_digest: TemplateDigest | None = Field(
+        default=None, description="Stored templates, instead of subject, html and text."
+    )
     tags: dict[str, str] = Field(default_factory=dict, max_length=10)
     batch_size: int = Field(
         default=MAX_PROVIDER_BATCH,
@@ -97,8 +213,8 @@ class CampaignSpec(_Model):
         max_length=10,
         description="Wait before each retry round of soft-failed recipients.",
     )
-    rate_per_second: float | None = Field(
-        default=None, gt=0, description="Emails per second at most; unlimited when absent."
+    rate_per_second: SendRate | None = Field(
+        default=None, description="Emails per second at most; unlimited when absent."
     )
     send_at: AwareDatetime | None = Field(
         default=None, description="Scheduled start (ISO 8601 with a timezone)."
@@ -106,6 +222,7 @@ class CampaignSpec(_Model):
     max_lateness_seconds: int = Field(
         default=3600,
         ge=0,
+        le=MAX_LATENESS_SECONDS,
         description="If sending cannot start within this long after send_at, do not send.",
     )
     send_to: Literal["audience", "failed"] = Field(
@@ -124,6 +241,8 @@ class CampaignSpec(_Model):
     @classmethod
     def _sender_is_valid(cls, value: str | None) -> str | None:
         if value is not None:
+            # A line break in a sender would start a new header (``Bcc: ...``).
+            refuse_control_characters(value)
             parse_sender(value)
         return value
 
@@ -133,24 +252,77 @@ class CampaignSpec(_Model):
         if value is not None:
             if not value.strip():
                 raise ValueError("must not be empty")
+            size = _utf8_size(value)
+            if size > MAX_TEMPLATE_BYTES:
+                raise ValueError(
+                    f"is {size:,} bytes; a template is at most {MAX_TEMPLATE_BYTES:,} bytes"
+                )
             # Lenient here, so stored specs and recorded workflow inputs decode as they
             # always did; spec_check refuses non-field placeholders when a spec starts.
             fields_used(value, strict=False)
         return value
 
+    @field_validator("subject")
+    @classmethod
+    def _subject_is_a_header(cls, value: str | None) -> str | None:
+        if value is not None:
+            if len(value) > MAX_SUBJECT_CHARS:
+                raise ValueError(
+                    f"is {len(value):,} characters; a subject is at most {MAX_SUBJECT_CHARS}"
+                )
+            refuse_control_characters(value)
+        return value
+
+    @field_validator("tags")
+    @classmethod
+    def _tags_are_bounded(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, tag_value in value.items():
+            _tag_part(name, "name")
+            _tag_part(tag_value, "value")
+        return value
+
     @model_validator(mode="after")
-    def _has_a_body(self) -> CampaignSpec:
+    def _has_templates(self) -> CampaignSpec:
+        inline = [name for name in TEMPLATE_FIELDS if getattr(self, name) is not None]
+        if self.template_digest is not None:
+            if inline:
+                raise ValueError(
+                    "give either template_digest or inline templates, not both "
+                    f"(found {', '.join(inline)})"
+                )
+            return self
+        if self.subject is None:
+            raise ValueError("a campaign needs a 'subject' template (or a template_digest)")
         if self.html is None and self.text is None:
             raise ValueError("a campaign needs an 'html' or a 'text' body template")
+        total = sum(_utf8_size(getattr(self, name) or "") for name in TEMPLATE_FIELDS)
+        if total > MAX_TEMPLATES_BYTES:
+            raise ValueError(
+                f"subject, html and text are {total:,} bytes together; "
+                f"at most {MAX_TEMPLATES_BYTES:,}"
+            )
         return self
 
+    def templates(self) -> CampaignTemplates | None:
+        """The inline templates, or None when the spec refers to stored ones."""
+        if self.subject is None:
+            return None
+        return CampaignTemplates(subject=self.subject, html=self.html, text=self.text)
+
+    def by_reference(self, digest: str) -> CampaignSpec:
+        """This spec with its templates replaced by the digest of their stored copy."""
+        data = self.model_dump(exclude=set(TEMPLATE_FIELDS))
+        return type(self).model_validate({**data, "template_digest": digest})
+
+    def with_templates(self, templates: CampaignTemplates) -> CampaignSpec:
+        """This spec with inline templates (what the batch activities render)."""
+        data = self.model_dump(exclude={"template_digest"})
+        return type(self).model_validate({**data, **templates.model_dump()})
+
     def merge_fields(self) -> set[str]:
-        """All merge-field names used by the subject and body templates."""
-        used: set[str] = set()
-        for template in (self.subject, self.html, self.text):
-            if template:
-                used |= fields_used(template)
-        return used
+        """All merge-field names used by the inline templates (none by reference)."""
+        templates = self.templates()
+        return templates.merge_fields() if templates else set()
 
 
 class DeliveryStatus(StrEnum):
@@ -168,6 +340,26 @@ class CampaignPlan(_Model):
 
     audience_id: int
     total_recipients: int
+    template_digest: TemplateDigest | None = Field(
+        default=None, description="The stored templates; later runs carry only this."
+    )
+
+
+class SpecInWorkflowInput(_Model):
+    """``prepare_campaign``'s input when the templates came inline in the workflow's input.
+
+    The activity reads the spec from the workflow's start event instead of taking it
+    as its own input, so the templates are in history once, not twice.
+    """
+
+    source: Literal["workflow_input"] = "workflow_input"
+
+
+class AbandonFailedInput(_Model):
+    """Mark a campaign's remaining soft failures abandoned."""
+
+    campaign_id: str
+    org: OrgId
 
 
 class BatchRange(_Model):
@@ -182,6 +374,9 @@ class PlanBatchesInput(_Model):
     """Ask for the next keyset ranges after ``after_id``."""
 
     campaign_id: str
+    org: OrgId | None = Field(
+        default=None, description="Checked in SQL against the campaign's org (None: older runs)."
+    )
     audience_id: int
     source: Literal["audience", "ledger"] = Field(
         description="'audience' pages recipients; 'ledger' pages soft-failed deliveries."
@@ -195,6 +390,9 @@ class SendBatchInput(_Model):
     """One durable batch: render, filter, send and record a keyset range of recipients."""
 
     campaign_id: str
+    org: OrgId | None = Field(
+        default=None, description="Checked in SQL against the campaign's org (None: older runs)."
+    )
     execution_id: str = Field(description="Stable id of this campaign execution (all its runs).")
     audience_id: int
     source: Literal["audience", "ledger"]
@@ -315,8 +513,9 @@ class CarriedState(BaseModel):
 class CampaignInput(CampaignSpec):
     """The workflow's one input: a campaign spec, as users write it.
 
-    ``carried`` is set only by the workflow itself when it continues as new; a spec
-    from our CLI, ``temporal workflow start`` or the Python client leaves it out.
+    ``carried`` is set only by the workflow itself when it continues as new; the
+    workflow refuses it in a run that Temporal did not continue (see
+    ``CampaignWorkflow``), so a client cannot hand it a cursor, plan or audience.
     """
 
     carried: CarriedState | None = None
@@ -329,13 +528,3 @@ class CampaignInput(CampaignSpec):
     def continuing(cls, spec: CampaignSpec, carried: CarriedState) -> CampaignInput:
         """The input of the next run of a campaign."""
         return cls.model_validate({**spec.model_dump(), "carried": carried})
-
-
-CampaignRequest = TypeAliasType(
-    "CampaignRequest",
-    Annotated[CampaignInput | dict[str, Any], Field(union_mode="left_to_right")],
-)
-"""The workflow's input as decoded: a ``CampaignInput``, or the raw JSON object when it
-is not a valid spec (a start that skipped our validation, e.g. ``temporal workflow
-start``), so the workflow can fail at once naming the fields instead of failing every
-workflow task on decoding."""

@@ -9,12 +9,20 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import asyncpg
 from pydantic import ValidationError
 
-from campaigns.models import CampaignPlan, CampaignSpec
+from campaigns.models import (
+    TEMPLATE_FIELDS,
+    CampaignPlan,
+    CampaignSpec,
+    CampaignTemplates,
+    send_at_problem,
+)
+from campaigns.store.templates import load_templates
 from campaigns.templates import BUILTIN_FIELDS, TemplateError, fields_used
 
 
@@ -69,19 +77,35 @@ def parse_spec(data: str | bytes | dict[str, Any]) -> CampaignSpec:
         if any(item["type"] == "json_invalid" for item in exc.errors()):
             raise InvalidSpec([SpecProblem("spec", "is not valid JSON")]) from None
         raise InvalidSpec(problems_from_validation_error(exc)) from None
-    _, problems = _template_fields(spec)
-    if problems:
-        raise InvalidSpec(problems)
+    templates = spec.templates()
+    if templates is not None:
+        _, problems = _template_fields(templates)
+        if problems:
+            raise InvalidSpec(problems)
     return spec
 
 
-def _template_fields(spec: CampaignSpec) -> tuple[dict[str, set[str]], list[SpecProblem]]:
+def check_timing(spec: CampaignSpec, now: datetime) -> None:
+    """Refuse a ``send_at`` too far ahead, or already past by more than the lateness allowed.
+
+    Raises:
+        InvalidSpec: naming ``send_at``.
+    """
+    if spec.send_at is not None:
+        problem = send_at_problem(spec.send_at, now, spec.max_lateness_seconds)
+        if problem:
+            raise InvalidSpec([SpecProblem("send_at", problem)])
+
+
+def _template_fields(
+    templates: CampaignTemplates,
+) -> tuple[dict[str, set[str]], list[SpecProblem]]:
     """The merge fields each template uses, and the templates with a placeholder that
     is not a field name (refused when a spec starts)."""
     used: dict[str, set[str]] = {}
     problems = []
-    for field_name in ("subject", "html", "text"):
-        template = getattr(spec, field_name)
+    for field_name in TEMPLATE_FIELDS:
+        template = getattr(templates, field_name)
         try:
             used[field_name] = fields_used(template) if template else set()
         except TemplateError as exc:
@@ -89,10 +113,40 @@ def _template_fields(spec: CampaignSpec) -> tuple[dict[str, set[str]], list[Spec
     return used, problems
 
 
-async def check_against_database(
+async def resolve_templates(
     conn: asyncpg.Connection | asyncpg.Pool, spec: CampaignSpec
+) -> CampaignTemplates:
+    """The spec's templates: inline, or stored for its org under ``template_digest``.
+
+    Raises:
+        InvalidSpec: naming ``template_digest`` when the org has no such templates.
+    """
+    templates = spec.templates()
+    if templates is not None:
+        return templates
+    assert spec.template_digest is not None  # the model holds one form or the other
+    stored = await load_templates(conn, spec.org, spec.template_digest)
+    if stored is None:
+        raise InvalidSpec(
+            [
+                SpecProblem(
+                    "template_digest",
+                    f"org '{spec.org}' has no stored templates with this digest",
+                )
+            ]
+        )
+    return stored
+
+
+async def check_against_database(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    spec: CampaignSpec,
+    *,
+    workflow_id: str | None = None,
 ) -> CampaignPlan:
-    """Check that the org, audience and merge fields exist; return the send plan.
+    """Check that the org, audience, templates and merge fields exist; return the send plan.
+
+    With ``workflow_id``, also check that no other workflow owns the campaign id.
 
     Raises:
         InvalidSpec: naming every field that refers to something missing.
@@ -109,8 +163,9 @@ async def check_against_database(
         raise InvalidSpec(
             [SpecProblem("audience", f"org '{spec.org}' has no audience named '{spec.audience}'")]
         )
+    templates = await resolve_templates(conn, spec)
     known = BUILTIN_FIELDS | set(audience["merge_fields"])
-    used, problems = _template_fields(spec)
+    used, problems = _template_fields(templates)
     for field_name, fields in used.items():
         unknown = sorted(fields - known)
         if unknown:
@@ -123,7 +178,7 @@ async def check_against_database(
                 )
             )
     other = await conn.fetchrow(
-        "SELECT org_id, audience_id FROM campaigns WHERE id = $1", spec.campaign_id
+        "SELECT org_id, audience_id, workflow_id FROM campaigns WHERE id = $1", spec.campaign_id
     )
     if other is not None and (other["org_id"], other["audience_id"]) != (spec.org, audience["id"]):
         problems.append(
@@ -133,6 +188,12 @@ async def check_against_database(
                 f"'{other['org_id']}' to another audience",
             )
         )
+    elif (
+        other is not None
+        and workflow_id is not None
+        and other["workflow_id"] not in (None, workflow_id)
+    ):
+        problems.append(owned_by_another_workflow(spec.campaign_id, other["workflow_id"]))
     if problems:
         raise InvalidSpec(problems)
     if spec.send_to == "failed":
@@ -154,4 +215,16 @@ async def check_against_database(
         total = await conn.fetchval(
             "SELECT count(*) FROM recipients WHERE audience_id = $1", audience["id"]
         )
-    return CampaignPlan(audience_id=audience["id"], total_recipients=total)
+    return CampaignPlan(
+        audience_id=audience["id"], total_recipients=total, template_digest=templates.digest()
+    )
+
+
+def owned_by_another_workflow(campaign_id: str, owner: str) -> SpecProblem:
+    """The problem of a campaign id that another workflow already sends."""
+    return SpecProblem(
+        "campaign_id",
+        f"'{campaign_id}' belongs to workflow '{owner}'; a campaign id has one workflow "
+        f"(its ledger counts every recipient once): use workflow id '{owner}' "
+        "or a new campaign_id",
+    )

@@ -13,6 +13,8 @@ import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from campaigns.safe_text import replace_control_characters
+
 # A field name is a word (letters, digits, _) not starting with a digit; ``\w`` and
 # ``\d`` are Unicode-aware, so ``{{ prénom }}`` works like ``{{ name }}``.
 _NAME = re.compile(r"[^\W\d]\w*")
@@ -100,8 +102,12 @@ class CompiledTemplate:
         return "".join(out)
 
 
-def compile_template(template: str, *, html_body: bool = False) -> CompiledTemplate:
-    """Compile ``template``; ``html_body`` turns on HTML escaping of field values.
+def compile_template(
+    template: str, *, html_body: bool = False, header_value: bool = False
+) -> CompiledTemplate:
+    """Compile ``template``; ``html_body`` turns on HTML escaping of field values, and
+    ``header_value`` replaces control characters in them (a CR/LF in a merge value must
+    not start a new header when the template is a subject).
 
     Lenient about non-field placeholders, so a spec stored before they were refused
     still renders as it did; new specs are refused them when they start.
@@ -110,5 +116,5 @@ def compile_template(template: str, *, html_body: bool = False) -> CompiledTempl
     return CompiledTemplate(
         literals=tuple(parts[0::2]),
         fields=tuple(parts[1::2]),
-        escape=html.escape if html_body else None,
+        escape=html.escape if html_body else replace_control_characters if header_value else None,
     )

@@ -10,6 +10,7 @@ the workflow behind ``workflow.patched`` and record new histories beside the old
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from temporalio import workflow
@@ -18,7 +19,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 from temporalio.workflow import NondeterminismError
 
-from campaigns.models import CampaignRequest, CampaignStatus
+from campaigns.models import CampaignStatus
 from workflows import CampaignWorkflow, RefreshFirstPartyOrgsWorkflow
 
 HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
@@ -60,9 +61,9 @@ class ReorderedCampaignWorkflow(CampaignWorkflow):
     """The kind of change that must not ship unpatched: a new step before the others."""
 
     @workflow.run
-    async def run(self, request: CampaignRequest) -> CampaignStatus:
+    async def run(self, *inputs: Any) -> CampaignStatus:
         await workflow.sleep(1)
-        return await super().run(request)
+        return await super().run(*inputs)
 
 
 async def test_an_unpatched_change_is_caught() -> None:

@@ -34,21 +34,25 @@ with workflow.unsafe.imports_passed_through():
     )
     from campaigns import search_attributes as sa
     from campaigns.models import (
+        MAX_SCHEDULE_AHEAD_DAYS,
         MAX_WINDOW,
+        AbandonFailedInput,
         BatchOutcome,
         BatchRange,
         CampaignControls,
         CampaignInput,
         CampaignPlan,
-        CampaignRequest,
         CampaignSpec,
         CampaignState,
         CampaignStatus,
         CarriedState,
         PlanBatchesInput,
         SendBatchInput,
+        SpecInWorkflowInput,
+        rate_problem,
+        send_at_problem,
     )
-    from campaigns.spec_check import InvalidSpec, problems_from_validation_error
+    from campaigns.spec_check import InvalidSpec, SpecProblem, problems_from_validation_error
 
 # Permanent problems: retrying cannot help, so they stop the campaign at once.
 NON_RETRYABLE = [INVALID_SPEC_ERROR, PROVIDER_AUTH_ERROR, PROVIDER_CONFIG_ERROR]
@@ -84,6 +88,9 @@ FINAL_STATUS_MEMO = "final_status"
 PATCH_CANCEL_DURING_ACTIVITY = "cancel-during-activity-is-a-cancel"
 PATCH_HISTORY_BUDGET_BY_WINDOW = "history-budget-by-window"
 PATCH_FINAL_STATUS_MEMO = "final-status-memo"
+PATCH_TEMPLATES_BY_REFERENCE = "templates-by-reference"
+PATCH_REFUSE_CLIENT_CARRIED_STATE = "refuse-client-carried-state"
+PATCH_REFUSE_FAR_SEND_AT = "refuse-far-send-at"
 RATE_WINDOW_SECONDS = 30.0
 RATE_BURST_SECONDS = 1.0
 
@@ -101,31 +108,23 @@ class CampaignWorkflow:
     """Sends one campaign; input ``CampaignSpec``, result the final ``CampaignStatus``."""
 
     @workflow.init
-    def __init__(self, request: CampaignRequest) -> None:
+    def __init__(self, *inputs: Any) -> None:
         """Set the status up before anything runs, so controls and queries that arrive
-        with the first workflow task already see it."""
+        with the first workflow task already see it.
+
+        ``inputs`` are taken untyped: any JSON a client sends (none, several, null, a
+        list, a spec of the wrong shape) must fail the run at once, naming what was
+        expected, rather than fail every workflow task on decoding.
+        """
         self._invalid: InvalidSpec | None = None
-        if isinstance(request, dict):  # not a valid spec: the run fails naming the fields
-            try:
-                request = CampaignInput.model_validate(request)
-            except ValidationError as error:
-                self._invalid = InvalidSpec(problems_from_validation_error(error))
-                request = _placeholder(request)
+        request, self._invalid = _decode(inputs)
+        if request is None:
+            request = _placeholder(inputs[0] if len(inputs) == 1 else None)
         self._request = request
         self._max_lateness_seconds = request.max_lateness_seconds
         carried = request.carried
         if carried is None:
-            status = CampaignStatus(
-                campaign_id=request.campaign_id,
-                org=request.org,
-                state=CampaignState.SCHEDULED if request.send_at else CampaignState.PREPARING,
-                started_at=workflow.now(),
-                controls=CampaignControls(
-                    window=request.window,
-                    rate_per_second=request.rate_per_second,
-                    send_at=request.send_at,
-                ),
-            )
+            status = _new_status(request)
         else:
             status = carried.status
             status.runs += 1
@@ -140,16 +139,20 @@ class CampaignWorkflow:
     # -- the run ------------------------------------------------------------------------
 
     @workflow.run
-    async def run(self, request: CampaignRequest) -> CampaignStatus:
+    async def run(self, *inputs: Any) -> CampaignStatus:
         """Wait for ``send_at``, prepare, send in passes, summarize.
 
-        ``request`` is a ``CampaignSpec``; after continue-as-new it also carries the
+        The one input is a ``CampaignSpec``; after continue-as-new it also carries the
         previous run's cursor, counters and controls.
         """
         status = self._status
         if self._invalid is not None:
             return self._finish(CampaignState.FAILED, str(self._invalid), INVALID_SPEC_ERROR)
         spec, carried = self._request.spec(), self._request.carried
+        refused = self._refusal(spec, carried)
+        if refused is not None:
+            self._status = status = _new_status(self._request)  # nothing carried is shown
+            return self._finish(CampaignState.FAILED, str(refused), INVALID_SPEC_ERROR)
         workflow.upsert_search_attributes([sa.CAMPAIGN_ORG.value_set(spec.org)])
         self._set_state(status.state)
         try:
@@ -157,12 +160,21 @@ class CampaignWorkflow:
                 if not await self._wait_for_send_at(spec):
                     return status
                 self._set_state(CampaignState.PREPARING)
-                plan: CampaignPlan = await workflow.execute_activity_method(
-                    PlanningActivities.prepare_campaign, spec, **DATABASE_STEP
+                by_reference = workflow.patched(PATCH_TEMPLATES_BY_REFERENCE)
+                # Inline templates are in this run's input already: the activity reads
+                # them from there rather than from a second copy in its own input.
+                prepare_input: CampaignSpec | SpecInWorkflowInput = (
+                    SpecInWorkflowInput() if by_reference and spec.templates() else spec
                 )
+                plan: CampaignPlan = await workflow.execute_activity_method(
+                    PlanningActivities.prepare_campaign, prepare_input, **DATABASE_STEP
+                )
+                if by_reference and plan.template_digest and spec.templates():
+                    spec = spec.by_reference(plan.template_digest)  # for later runs' input
                 status.total = plan.total_recipients
                 carried = CarriedState(
-                    execution_id=workflow.info().run_id,
+                    # Stable across continue-as-new and resets, checked by later runs.
+                    execution_id=workflow.info().first_execution_run_id,
                     plan=plan,
                     round=0,
                     cursor=0,
@@ -184,7 +196,45 @@ class CampaignWorkflow:
                 await self._drain()
                 self._finish(CampaignState.CANCELLED)
                 raise
-            return self._finish(CampaignState.FAILED, _describe(error))
+            return self._finish(CampaignState.FAILED, _describe(error), _error_type(error))
+
+    def _refusal(self, spec: CampaignSpec, carried: CarriedState | None) -> InvalidSpec | None:
+        """Why this run must not start, beyond the spec's shape; None if it may.
+
+        State carried over is accepted only in a run that Temporal continued from this
+        campaign's first run: a client that writes ``carried`` by hand (a cursor, a plan
+        naming another org's audience) is refused. Each check calls ``workflow.patched``
+        only when it refuses, so runs recorded before it replay as they ran.
+        """
+        info = workflow.info()
+        if carried is not None and (
+            info.continued_run_id is None or carried.execution_id != info.first_execution_run_id
+        ):
+            if workflow.patched(PATCH_REFUSE_CLIENT_CARRIED_STATE):
+                return InvalidSpec(
+                    [
+                        SpecProblem(
+                            "carried",
+                            "is internal state that only the campaign's own continue-as-new "
+                            "may pass; start a campaign with a CampaignSpec alone",
+                        )
+                    ]
+                )
+        if carried is None and spec.send_at is not None:
+            ahead = spec.send_at - workflow.now()
+            if ahead > timedelta(days=MAX_SCHEDULE_AHEAD_DAYS) and workflow.patched(
+                PATCH_REFUSE_FAR_SEND_AT
+            ):
+                return InvalidSpec(
+                    [
+                        SpecProblem(
+                            "send_at",
+                            f"must be at most {MAX_SCHEDULE_AHEAD_DAYS} days ahead "
+                            f"(got {spec.send_at.isoformat()})",
+                        )
+                    ]
+                )
+        return None
 
     async def _wait_for_send_at(self, spec: CampaignSpec) -> bool:
         """Sleep until the (reschedulable) send time; False if the campaign must not send."""
@@ -238,7 +288,9 @@ class CampaignWorkflow:
             carried.round, carried.cursor = next_round, 0
         if status.counts.failed:
             status.counts.abandoned += await workflow.execute_activity_method(
-                PlanningActivities.abandon_failed, spec.campaign_id, **DATABASE_STEP
+                PlanningActivities.abandon_failed,
+                AbandonFailedInput(campaign_id=spec.campaign_id, org=spec.org),
+                **DATABASE_STEP,
             )
             status.counts.failed = 0
         return self._finish(CampaignState.COMPLETED)
@@ -271,6 +323,7 @@ class CampaignWorkflow:
                         PlanningActivities.plan_batches,
                         PlanBatchesInput(
                             campaign_id=spec.campaign_id,
+                            org=spec.org,
                             audience_id=carried.plan.audience_id,
                             source=source,
                             after_id=plan_cursor,
@@ -339,6 +392,7 @@ class CampaignWorkflow:
     ) -> None:
         batch = SendBatchInput(
             campaign_id=spec.campaign_id,
+            org=spec.org,
             execution_id=carried.execution_id,
             audience_id=carried.plan.audience_id,
             source=source,  # type: ignore[arg-type]
@@ -533,8 +587,9 @@ class CampaignWorkflow:
     @set_rate.validator
     def _validate_set_rate(self, rate_per_second: float | None) -> None:
         self._refuse_if_finished("change the rate")
-        if rate_per_second is not None and rate_per_second <= 0:
-            raise _refuse(f"rate must be positive, or null for no limit (got {rate_per_second})")
+        problem = rate_problem(rate_per_second)
+        if problem:
+            raise _refuse(problem)
 
     @workflow.update
     def reschedule(self, send_at: datetime) -> CampaignStatus:
@@ -558,20 +613,72 @@ class CampaignWorkflow:
                 f"max_lateness_seconds ({self._max_lateness_seconds:,}) ago, so the "
                 "campaign would expire at once"
             )
+        problem = send_at_problem(send_at, workflow.now(), self._max_lateness_seconds)
+        if problem:
+            raise _refuse(f"cannot reschedule: send_at {problem}")
 
 
-def _placeholder(request: dict[str, Any]) -> CampaignInput:
+def _new_status(request: CampaignInput) -> CampaignStatus:
+    """The status of a campaign's first run, before anything happened."""
+    return CampaignStatus(
+        campaign_id=request.campaign_id,
+        org=request.org,
+        state=CampaignState.SCHEDULED if request.send_at else CampaignState.PREPARING,
+        started_at=workflow.now(),
+        controls=CampaignControls(
+            window=request.window,
+            rate_per_second=request.rate_per_second,
+            send_at=request.send_at,
+        ),
+    )
+
+
+def _shape(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {list: "an array", str: "a string", bool: "a boolean", dict: "an object"}.get(
+        type(value), "a number" if isinstance(value, int | float) else type(value).__name__
+    )
+
+
+def _decode(inputs: tuple[Any, ...]) -> tuple[CampaignInput | None, InvalidSpec | None]:
+    """The workflow's input, or why it is not one JSON object that is a campaign spec."""
+    expected = "one JSON object, a campaign spec (campaign_id, org, audience, ...)"
+    if len(inputs) != 1:
+        got = "no input" if not inputs else f"{len(inputs)} inputs"
+        return None, InvalidSpec([SpecProblem("input", f"expected {expected}; got {got}")])
+    if not isinstance(inputs[0], dict):
+        return None, InvalidSpec(
+            [SpecProblem("input", f"expected {expected}; got {_shape(inputs[0])}")]
+        )
+    try:
+        return CampaignInput.model_validate(inputs[0]), None
+    except ValidationError as error:
+        return None, InvalidSpec(problems_from_validation_error(error))
+
+
+def _placeholder(request: Any) -> CampaignInput:
     """A stand-in input for a spec that failed validation, so the status has names."""
-    name = str(request.get("campaign_id") or workflow.info().workflow_id)
+    fields = request if isinstance(request, dict) else {}
+    name = fields.get("campaign_id")
+    org = fields.get("org")
     return CampaignInput.model_construct(
-        campaign_id=name,
-        org=str(request.get("org") or "?"),
+        campaign_id=name if isinstance(name, str) and name else workflow.info().workflow_id,
+        org=org if isinstance(org, str) and org else "?",
         window=1,
         rate_per_second=None,
         send_at=None,
         max_lateness_seconds=0,
         carried=None,
     )
+
+
+def _error_type(error: ActivityError) -> str | None:
+    """The root cause's error type (``InvalidCampaignSpec``, ``ProviderAuthError``)."""
+    cause: BaseException = error
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    return cause.type if isinstance(cause, ApplicationError) else None
 
 
 def _describe(error: ActivityError) -> str:

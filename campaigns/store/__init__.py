@@ -1,0 +1,1 @@
+"""Data access: the product's SQL, behind typed functions."""
