@@ -26,9 +26,10 @@ RUN pip install . \
     && rm -rf build ./*.egg-info
 
 # An unprivileged user; the source stays root-owned, so the process cannot rewrite its code.
-# CAMPAIGNS_DATA_DIR points at a directory the user owns, in case a command writes there.
+# CAMPAIGNS_DATA_DIR points at a directory the user owns, in case a command writes there;
+# only that user may read it (it may hold secrets and personal data).
 RUN useradd --create-home --uid 10001 --user-group app \
-    && install -d -o app -g app /home/app/data
+    && install -d -m 0700 -o app -g app /home/app/data
 ENV CAMPAIGNS_DATA_DIR=/home/app/data
 USER app
 

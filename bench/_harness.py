@@ -39,7 +39,7 @@ class BenchStack:
     def settings(self) -> Settings:
         return Settings(
             temporal_address=self.state["temporal_address"],
-            database_url=self.state["database_url"],
+            database_url=self.stack.database_url,
             provider_base_url=self.state["provider_base_url"],
         )
 
@@ -96,8 +96,13 @@ async def bench_stack(data_dir: Path, workers: int = 1) -> AsyncIterator[BenchSt
     stack = LocalStack(config)
     try:
         state = await stack.start()
-        pool = await db.create_pool(state["database_url"], max_size=16)
-        async with httpx.AsyncClient(base_url=state["provider_base_url"], timeout=60) as sim:
+        assert stack.database_url and stack.simulator_admin_token
+        pool = await db.create_pool(stack.database_url, max_size=16)
+        # The simulator's admin API (reset, config, stats) needs the stack's admin token.
+        admin = {"Authorization": f"Bearer {stack.simulator_admin_token}"}
+        async with httpx.AsyncClient(
+            base_url=state["provider_base_url"], headers=admin, timeout=60
+        ) as sim:
             try:
                 yield BenchStack(stack, state, pool, sim)
             finally:

@@ -1,11 +1,17 @@
-"""Demo data: a generated audience and a campaign spec that uses its merge fields."""
+"""Demo data: a generated audience and a campaign spec that uses its merge fields.
+
+The audience is personal data in form if not in substance, so it is written like any
+other file of the data directory: the directory 0700, the file 0600.
+"""
 
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 from campaigns.models import CampaignSpec
+from campaigns.stack import private_dir
 
 DEMO_ORG = "demo"
 _FIRST = ["Ada", "Grace", "Alan", "Edsger", "Barbara", "Donald", "Frances", "Ken", "Radia", "Tim"]
@@ -14,13 +20,16 @@ _PLANS = ["free", "team", "business"]
 
 
 def write_demo_audience(directory: Path, recipients: int) -> Path:
-    """Write (once) a CSV of ``recipients`` rows with name, city and plan columns."""
-    directory.mkdir(parents=True, exist_ok=True)
+    """Write (once) a CSV of ``recipients`` rows with name, city and plan columns (0600)."""
+    private_dir(directory)
     path = directory / f"audience-{recipients}.csv"
     if path.is_file():
+        path.chmod(0o600)  # written by an older version, perhaps world-readable
         return path
     partial = path.with_suffix(".partial")
-    with partial.open("w", newline="") as handle:
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    os.fchmod(fd, 0o600)  # a partial file left by an interrupted run keeps its mode otherwise
+    with os.fdopen(fd, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["email", "name", "city", "plan"])
         for n in range(1, recipients + 1):

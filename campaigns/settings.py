@@ -1,9 +1,15 @@
 """Process settings, read from the environment.
 
 When a variable is not set and the local stack is running, its value comes from the
-stack's state file (``<data dir>/stack.json``), so ``campaigns`` commands work against
-``campaigns stack up`` without exporting anything. Secrets are ``SecretStr``: they
-print as ``**********`` and are only unwrapped where a request is made.
+stack's files in the data directory, so ``campaigns`` commands work against
+``campaigns stack up`` without exporting anything:
+
+* ``stack.env`` (mode 0600, dotenv format): the settings that hold secrets, such as
+  ``DATABASE_URL``, ``PROVIDER_API_KEY`` and ``SIMULATOR_ADMIN_TOKEN``;
+* ``stack.json``: addresses only, never a secret.
+
+The environment wins over both. Secrets are ``SecretStr``: they print as
+``**********`` and are only unwrapped where a request is made.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import (
     BaseSettings,
+    DotEnvSettingsSource,
     JsonConfigSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
@@ -23,6 +30,7 @@ from pydantic_settings import (
 
 DEFAULT_TASK_QUEUE = "campaigns"
 STACK_FILE_NAME = "stack.json"
+STACK_ENV_FILE_NAME = "stack.env"
 
 
 def data_dir() -> Path:
@@ -45,6 +53,10 @@ class Settings(BaseSettings):
     database_url: str | None = None
     provider_base_url: str | None = None
     provider_api_key: SecretStr | None = None
+    simulator_admin_token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token of the provider simulator's /_sim/ admin endpoints.",
+    )
     provider_timeout_seconds: float = 30.0
     provider_max_connections: int = 32
     shared_sending_domain: str = "mail.campaigns.example"
@@ -67,10 +79,13 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        """Environment first, then the running local stack's state file."""
+        """Environment first, then the running local stack's ``stack.env`` and ``stack.json``."""
         stack_file = data_dir() / STACK_FILE_NAME
+        env_file = data_dir() / STACK_ENV_FILE_NAME
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if stack_file.is_file():
+        if stack_file.is_file():  # both files describe a running stack; stack.json says so
+            if env_file.is_file():
+                sources.append(DotEnvSettingsSource(settings_cls, env_file=env_file))
             sources.append(JsonConfigSettingsSource(settings_cls, json_file=stack_file))
         return tuple(sources)
 

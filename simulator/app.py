@@ -7,17 +7,24 @@ per recipient so that exactly-once can be asserted from outside.
 
 Admin endpoints live under ``/_sim/``: ``stats``, ``deliveries``, ``messages``,
 ``config`` (GET/PUT), ``faults`` (POST a script of upcoming answers) and ``reset``.
+They serve whole rendered messages, so they require the simulator's admin token, sent
+as ``Authorization: Bearer <token>`` (the token is ``SIMULATOR_ADMIN_TOKEN`` for
+``python -m simulator``, or the ``admin_token`` argument). Without a configured token
+they are refused. The admin token is never one of the API keys and is never shown by
+``GET /_sim/config``. ``/health`` is open.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import os
 import random
 import re
 import time
 from collections import Counter, deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -29,6 +36,13 @@ MAX_BATCH = 100
 MAX_TO = 50
 IDEMPOTENCY_TTL_SECONDS = 24 * 3600
 _ADDRESS = re.compile(r"^[^@\s<>]+@[^@\s<>]+\.[^@\s<>]+$")
+ADMIN_PREFIX = "/_sim/"
+ADMIN_TOKEN_ENV = "SIMULATOR_ADMIN_TOKEN"
+ADMIN_DISABLED_MESSAGE = (
+    "The simulator's admin endpoints are disabled: no admin token is configured. "
+    f"Start it with {ADMIN_TOKEN_ENV}=<token> (or pass admin_token=...) and send "
+    "'Authorization: Bearer <token>'."
+)
 
 
 class ScriptedFault(BaseModel):
@@ -152,12 +166,23 @@ def _validate(emails: Any, rejected: set[str]) -> str | None:
 class Simulator:
     """The aiohttp application and its state."""
 
-    def __init__(self, config: SimulatorConfig | None = None) -> None:
-        """Build the app; ``config`` defaults to accepting any bearer key."""
-        self.state = SimulatorState(config=config or SimulatorConfig())
+    def __init__(
+        self, config: SimulatorConfig | None = None, *, admin_token: str | None = None
+    ) -> None:
+        """Build the app; ``config`` defaults to accepting any bearer key.
+
+        ``admin_token`` guards the ``/_sim/`` endpoints; without one they are refused.
+        """
+        config = config or SimulatorConfig()
+        self._admin_token = (admin_token or "").strip().encode() or None
+        if self._is_admin_token_among(config.api_keys):
+            raise ValueError("the admin token must not be one of the API keys")
+        self.state = SimulatorState(config=config)
         if self.state.config.seed is not None:
             self.state.rng.seed(self.state.config.seed)
-        self.app = web.Application(client_max_size=16 * 1024 * 1024)
+        self.app = web.Application(
+            client_max_size=16 * 1024 * 1024, middlewares=[self._guard_admin]
+        )
         self.app.add_routes(
             [
                 web.post("/emails/batch", self.send_batch),
@@ -171,6 +196,46 @@ class Simulator:
                 web.get("/health", self.health),
             ]
         )
+
+    @property
+    def admin_enabled(self) -> bool:
+        """Whether an admin token is configured (the admin endpoints answer)."""
+        return self._admin_token is not None
+
+    def _is_admin_token(self, presented: str) -> bool:
+        # Constant time, so response timing does not reveal how much of a guess matched.
+        return self._admin_token is not None and hmac.compare_digest(
+            presented.encode(), self._admin_token
+        )
+
+    def _is_admin_token_among(self, keys: list[str]) -> bool:
+        found = False
+        for key in keys:  # no early exit: every key is compared
+            found |= self._is_admin_token(key.strip())
+        return found
+
+    @web.middleware
+    async def _guard_admin(
+        self,
+        request: web.Request,
+        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    ) -> web.StreamResponse:
+        """Refuse ``/_sim/`` requests that do not carry the admin token."""
+        if not request.path.startswith(ADMIN_PREFIX):
+            return await handler(request)
+        if self._admin_token is None:
+            return _error(403, "admin_disabled", ADMIN_DISABLED_MESSAGE)
+        auth = request.headers.get("Authorization", "")
+        if not auth.startswith("Bearer ") or not auth[7:].strip():
+            return _error(
+                401,
+                "missing_admin_token",
+                "Missing admin token: send 'Authorization: Bearer <SIMULATOR_ADMIN_TOKEN>'.",
+                **{"WWW-Authenticate": 'Bearer realm="simulator-admin"'},
+            )
+        if not self._is_admin_token(auth[7:].strip()):
+            return _error(403, "invalid_admin_token", "The admin token is invalid.")
+        return await handler(request)
 
     # -- the provider API -------------------------------------------------------------
 
@@ -187,7 +252,8 @@ class Simulator:
         auth = request.headers.get("Authorization", "")
         if not auth.startswith("Bearer ") or not auth[7:].strip():
             return _error(401, "missing_api_key", "Missing API key in the authorization header.")
-        if config.api_keys and auth[7:].strip() not in config.api_keys:
+        api_key = auth[7:].strip()
+        if (config.api_keys and api_key not in config.api_keys) or self._is_admin_token(api_key):
             return _error(403, "invalid_api_key", "API key is invalid.")
 
         wait = state.take_token()
@@ -341,9 +407,12 @@ class Simulator:
         try:
             update = await request.json()
             merged = {**self.state.config.model_dump(), **update}
-            self.state.config = SimulatorConfig.model_validate(merged)
+            config = SimulatorConfig.model_validate(merged)
         except ValueError as exc:
             return _error(422, "validation_error", str(exc))
+        if self._is_admin_token_among(config.api_keys):
+            return _error(422, "validation_error", "The admin token cannot be an API key.")
+        self.state.config = config
         if "seed" in update and self.state.config.seed is not None:
             self.state.rng.seed(self.state.config.seed)
         return web.json_response(self.state.config.model_dump(exclude={"api_keys"}))
@@ -368,10 +437,17 @@ class Simulator:
 
 
 async def start_simulator(
-    config: SimulatorConfig | None = None, *, host: str = "127.0.0.1", port: int = 0
+    config: SimulatorConfig | None = None,
+    *,
+    admin_token: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 0,
 ) -> tuple[Simulator, web.AppRunner, str]:
-    """Serve a simulator on ``host:port`` (0 = any free port); return it and its URL."""
-    simulator = Simulator(config)
+    """Serve a simulator on ``host:port`` (0 = any free port); return it and its URL.
+
+    ``admin_token`` enables the ``/_sim/`` admin endpoints (see ``Simulator``).
+    """
+    simulator = Simulator(config, admin_token=admin_token)
     runner = web.AppRunner(simulator.app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)

@@ -31,6 +31,7 @@ from simulator import SimulatorConfig, start_simulator
 from tests.helpers import SimulatorControl
 
 TEST_API_KEY = "re_test_" + uuid.uuid4().hex
+TEST_ADMIN_TOKEN = "simadm_test_" + uuid.uuid4().hex
 TASK_QUEUE = "campaigns-test"
 
 
@@ -94,7 +95,10 @@ async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
 
 @pytest.fixture(scope="session")
 async def simulator_url() -> AsyncIterator[str]:
-    _, runner, url = await start_simulator(SimulatorConfig(api_keys=[TEST_API_KEY]))
+    """One simulator for the session; its admin API needs ``TEST_ADMIN_TOKEN``."""
+    _, runner, url = await start_simulator(
+        SimulatorConfig(api_keys=[TEST_API_KEY]), admin_token=TEST_ADMIN_TOKEN
+    )
     yield url
     await runner.cleanup()
 
@@ -103,7 +107,7 @@ async def simulator_url() -> AsyncIterator[str]:
 async def sim(simulator_url: str) -> AsyncIterator[SimulatorControl]:
     """The simulator, reset to a clean state with the test key accepted."""
     async with httpx.AsyncClient(base_url=simulator_url) as http:
-        control = SimulatorControl(http)
+        control = SimulatorControl(http, TEST_ADMIN_TOKEN)
         await control.reset()
         await control.configure(
             api_keys=[TEST_API_KEY],

@@ -15,28 +15,34 @@ from campaigns.models import CampaignSpec
 
 
 class SimulatorControl:
-    """The simulator's admin API."""
+    """The simulator's admin API, authenticated with its admin token."""
 
-    def __init__(self, http: httpx.AsyncClient) -> None:
+    def __init__(self, http: httpx.AsyncClient, admin_token: str) -> None:
         self.http = http
+        self.headers = {"Authorization": f"Bearer {admin_token}"}
+
+    async def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        response = await self.http.request(method, path, headers=self.headers, **kwargs)
+        response.raise_for_status()
+        return response
 
     async def reset(self) -> None:
-        (await self.http.post("/_sim/reset")).raise_for_status()
+        await self._call("POST", "/_sim/reset")
 
     async def configure(self, **fields: Any) -> None:
-        (await self.http.put("/_sim/config", json=fields)).raise_for_status()
+        await self._call("PUT", "/_sim/config", json=fields)
 
     async def script(self, *faults: dict[str, Any]) -> None:
-        (await self.http.post("/_sim/faults", json=list(faults))).raise_for_status()
+        await self._call("POST", "/_sim/faults", json=list(faults))
 
     async def stats(self) -> dict[str, Any]:
-        return (await self.http.get("/_sim/stats")).json()
+        return (await self._call("GET", "/_sim/stats")).json()
 
     async def deliveries(self) -> dict[str, int]:
-        return (await self.http.get("/_sim/deliveries")).json()
+        return (await self._call("GET", "/_sim/deliveries")).json()
 
     async def messages(self, to: str) -> list[dict[str, Any]]:
-        return (await self.http.get("/_sim/messages", params={"to": to})).json()
+        return (await self._call("GET", "/_sim/messages", params={"to": to})).json()
 
 
 def unique(prefix: str) -> str:

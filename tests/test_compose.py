@@ -323,9 +323,36 @@ def test_worker_environment_is_what_the_settings_read(compose: dict[str, Any]) -
 
 
 def test_secrets_come_from_the_environment(compose: dict[str, Any]) -> None:
-    for service, key in (("worker", "PROVIDER_API_KEY"), ("simulator", "SIMULATOR_API_KEYS")):
+    for service, key in (
+        ("worker", "PROVIDER_API_KEY"),
+        ("simulator", "SIMULATOR_API_KEYS"),
+        ("simulator", "SIMULATOR_ADMIN_TOKEN"),
+    ):
         value = environment(services(compose)[service])[key]
         assert INTERPOLATION.fullmatch(value), f"{service}.{key} is hard-coded: {value!r}"
+
+
+def test_simulator_admin_token_is_optional_and_documented(compose: dict[str, Any]) -> None:
+    from simulator.app import ADMIN_TOKEN_ENV
+
+    env = environment(services(compose)["simulator"])
+    # Only names the simulator reads (python -m simulator), so none is silently ignored.
+    assert set(env) <= {"SIMULATOR_API_KEYS", ADMIN_TOKEN_ENV, "SIMULATOR_HOST", "SIMULATOR_PORT"}
+    # Unset, the admin endpoints are refused: Compose must not stop for want of it, and
+    # must not fill in a default token anyone could guess.
+    assert env[ADMIN_TOKEN_ENV] == "${SIMULATOR_ADMIN_TOKEN:-}"
+    assert ADMIN_TOKEN_ENV in ENV_EXAMPLE.read_text()
+    example = dict(
+        line.split("=", 1)
+        for line in ENV_EXAMPLE.read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    )
+    if example.get(ADMIN_TOKEN_ENV):
+        keys = {key.strip() for key in example["SIMULATOR_API_KEYS"].split(",")}
+        assert example[ADMIN_TOKEN_ENV] not in keys, "the admin token must not be an API key"
+    # The header's pointer at the admin API says that it needs the token.
+    header = COMPOSE_FILE.read_text().split("\nname:", 1)[0]
+    assert "/_sim/" in header and ADMIN_TOKEN_ENV in header and "Authorization: Bearer" in header
 
 
 def test_temporal_setup_registers_every_search_attribute(compose: dict[str, Any]) -> None:
@@ -506,7 +533,7 @@ def test_image_holds_no_secrets() -> None:
                     f"{keyword} {name}: secrets belong in the run-time environment"
                 )
     body = "\n".join(rest for _, rest in instructions)
-    for name in ("PROVIDER_API_KEY", "SIMULATOR_API_KEYS"):
+    for name in ("PROVIDER_API_KEY", "SIMULATOR_API_KEYS", "SIMULATOR_ADMIN_TOKEN"):
         assert name not in body, f"the Dockerfile sets {name}"
     example_values = [
         line.split("=", 1)[1].strip()

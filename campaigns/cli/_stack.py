@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from argparse import Namespace
 
@@ -20,10 +21,12 @@ from campaigns.settings import Settings, data_dir
 from campaigns.spec_check import check_against_database
 from campaigns.stack import (
     StackConfig,
+    private_dir,
     read_stack_file,
     run_foreground,
     start_detached,
     stop_detached,
+    write_private,
 )
 
 
@@ -51,6 +54,8 @@ async def cmd_stack_up(args: Namespace, settings: Settings, console: Console) ->
         f"Web UI {state['temporal_ui_url']}, simulator {state['provider_base_url']}\n"
         "stop it with `campaigns stack down`"
     )
+    if os.environ.get("PROVIDER_BASE_URL"):
+        console.print("PROVIDER_BASE_URL is ignored: the local stack sends to its own simulator")
     return 0
 
 
@@ -67,6 +72,7 @@ async def cmd_stack_status(args: Namespace, settings: Settings, console: Console
     if not state:
         console.print("no local stack is running")
         return 1
+    # stack.json holds no secret; a file from an older version held the database URL.
     shown = {k: v for k, v in state.items() if k != "database_url"}
     print(json.dumps(shown, indent=2))
     return 0
@@ -77,11 +83,18 @@ async def cmd_demo(args: Namespace, settings: Settings, console: Console) -> int
     state = read_stack_file(StackConfig(data_dir=data_dir()))
     if not state:
         raise CommandError("no local stack is running; start it with `campaigns stack up --detach`")
-    demo_dir = data_dir() / "demo"
+    if settings.simulator_admin_token is None:
+        raise CommandError(
+            "the simulator's admin token is unknown: it comes from the running stack's "
+            "stack.env (restart the stack with `campaigns stack down` and `campaigns stack up`) "
+            "or from SIMULATOR_ADMIN_TOKEN"
+        )
+    admin = {"Authorization": f"Bearer {settings.simulator_admin_token.get_secret_value()}"}
+    demo_dir = private_dir(data_dir() / "demo")
     csv_path = write_demo_audience(demo_dir, args.recipients)
     spec = demo_spec(args.recipients, campaign_id=f"demo-{time.strftime('%Y%m%d-%H%M%S')}")
     spec_path = demo_dir / "spec.json"
-    spec_path.write_text(spec.model_dump_json(indent=2, exclude_defaults=True))
+    write_private(spec_path, spec.model_dump_json(indent=2, exclude_defaults=True))
 
     conn = await db.connect(settings.require_database_url())
     try:
@@ -100,7 +113,7 @@ async def cmd_demo(args: Namespace, settings: Settings, console: Console) -> int
     finally:
         await conn.close()
 
-    async with httpx.AsyncClient(base_url=state["provider_base_url"]) as simulator:
+    async with httpx.AsyncClient(base_url=state["provider_base_url"], headers=admin) as simulator:
         (await simulator.post("/_sim/reset")).raise_for_status()
         client = await CampaignClient.connect(settings)
         handle = await client.start(spec)
@@ -108,7 +121,9 @@ async def cmd_demo(args: Namespace, settings: Settings, console: Console) -> int
         console.print(f"Web UI: {settings.workflow_url(handle.id)}")
         final = await watch(lambda: client.status(handle.id), console)
         console.print(summary_table(final))
-        stats = (await simulator.get("/_sim/stats")).json()
+        answer = await simulator.get("/_sim/stats")
+        answer.raise_for_status()
+        stats = answer.json()
 
     exactly_once = (
         stats["duplicated_recipients"] == 0 and stats["unique_recipients"] == final.counts.sent
