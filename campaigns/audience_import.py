@@ -10,24 +10,56 @@ Columns other than ``email`` and ``name`` become merge fields; a header that is 
 field name (``first name``, ``zip-code``) is renamed to one (``first_name``,
 ``zip_code``) and the report says so. A row that is not UTF-8 or holds a NUL is left
 out by line, like any other bad row.
+
+Physical lines are read here and fed to the ``csv`` parser, keeping the lines of the
+current record (at most ``MAX_RECORD_CHARS``). On a quote that is never closed the
+parser would take the rest of the file as one field; instead, a record that spans
+lines and is bad is reported at the line where its quote opened, that line is left
+out, and the lines after it are read again as rows.
+
+Recipients already in the audience but not in the file are kept and counted; with
+``replace=True`` they are removed in the same transaction, except those whose address
+appears on a row left out of the import.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import asyncpg
 
 from campaigns.addresses import is_valid_address, normalize_address
+from campaigns.models import MAX_AUDIENCE_NAME, is_valid_org_id
+from campaigns.safe_text import control_character_problem
 from campaigns.templates import field_name_for
 
 REQUIRED_COLUMNS = ("email",)
 OPTIONAL_COLUMNS = ("name",)
+MAX_RECORD_CHARS = 1_048_576
+"""Longest CSV record (one line, or the lines of one quoted multi-line record)."""
+ORG_ID_RULE = "letters, digits, '.', '_' or '-'; 1 to 64 characters"
+
+
+def org_id_problem(org: str) -> str | None:
+    """Why ``org`` is not an org id (the rule of ``campaigns.models.OrgId``), or None."""
+    return None if is_valid_org_id(org) else f"is not a valid org id ({ORG_ID_RULE})"
+
+
+def audience_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name an audience, or None."""
+    if not name.strip():
+        return "must not be blank"
+    if len(name) > MAX_AUDIENCE_NAME:
+        return f"is {len(name):,} characters long; at most {MAX_AUDIENCE_NAME} are allowed"
+    return control_character_problem(name)
 
 
 class ImportFailed(ValueError):
@@ -59,11 +91,23 @@ class ImportReport:
     merge_fields: list[str] = field(default_factory=list)
     renamed_columns: list[tuple[str, str]] = field(default_factory=list)
     """(CSV header, merge-field name) for each column whose header was not a field name."""
+    not_in_file: int = 0
+    """Recipients the audience had before whose address is nowhere in the file."""
+    on_left_out_rows: int = 0
+    """Recipients the audience had before whose address is only on rows left out."""
+    removed: int = 0
+    """Recipients removed because they are not in the file (``replace=True`` only)."""
+    replace: bool = False
 
     @property
     def imported(self) -> int:
         """Rows now in the audience from this file."""
         return self.inserted + self.updated + self.unchanged
+
+    @property
+    def left_out(self) -> int:
+        """Rows left out: bad rows and duplicates."""
+        return self.problem_count
 
 
 # Undecodable bytes are read as lone surrogates (``errors="surrogateescape"``), so a
@@ -82,8 +126,177 @@ def _unstorable(value: str) -> str | None:
     return f"is not valid UTF-8 (byte 0x{ord(char) - 0xDC00:02X}); save the file as UTF-8"
 
 
+class _RecordTooLong(Exception):
+    """The current record grew past ``MAX_RECORD_CHARS``."""
+
+
+class _Lines:
+    """Physical lines of a CSV file, fed to ``csv.reader``, remembering the current record's.
+
+    The lines of a record that turns out bad can be pushed back to be read again (all
+    but the first), so an unclosed quote costs one row instead of the rest of the file.
+    At most ``limit`` characters of a record are held; a longer line is skipped unread.
+    """
+
+    def __init__(self, handle: IO[str], limit: int) -> None:
+        self._readline = handle.readline
+        self._limit = limit
+        self._pending: deque[tuple[int, str | None]] = deque()
+        self._count = 0
+        self._chars = 0
+        self.current: list[tuple[int, str | None]] = []
+        """(line number, text) of each line of the current record; text None if too long."""
+        self.eof_in_record = False
+        """The file ended inside the current record: a quote opened there never closed."""
+
+    def start_record(self) -> None:
+        self.current = []
+        self._chars = 0
+        self.eof_in_record = False
+
+    def push_back_after_first(self) -> None:
+        """Read the current record's lines after its first one again, as new records."""
+        self._pending.extendleft(reversed(self.current[1:]))
+
+    def __iter__(self) -> _Lines:
+        return self
+
+    def __next__(self) -> str:
+        if self._pending:
+            number, text = self._pending.popleft()
+        else:
+            text = self._readline(self._limit + 1)
+            if not text:
+                if self.current:
+                    self.eof_in_record = True
+                raise StopIteration
+            self._count += 1
+            number = self._count
+            if len(text) > self._limit:
+                while text and not text.endswith(("\n", "\r")):
+                    text = self._readline(self._limit)  # skip the rest of the line unread
+                text = None
+        self.current.append((number, text))
+        if text is None:
+            raise _RecordTooLong
+        self._chars += len(text)
+        if self._chars > self._limit:
+            raise _RecordTooLong
+        return text
+
+
+class CsvRecords:
+    """The records of a CSV stream, each with the physical lines it came from.
+
+    Iterating yields ``(fields, error)``: the parsed fields, or None and why the record
+    cannot be parsed. After each record, ``first_line``, ``last_line``,
+    ``eof_in_quotes`` and ``text`` describe it, and ``reread_after_first()`` makes the
+    lines after its first one be read again as records.
+    """
+
+    def __init__(self, handle: IO[str], limit: int = MAX_RECORD_CHARS) -> None:
+        """Read ``handle`` (opened with ``newline=""``), holding at most ``limit`` chars."""
+        self.limit = limit
+        self._lines = _Lines(handle, limit)
+        self._reader = csv.reader(self._lines)
+
+    def __iter__(self) -> CsvRecords:
+        return self
+
+    def __next__(self) -> tuple[list[str] | None, str | None]:
+        self._lines.start_record()
+        try:
+            return next(self._reader), None
+        except csv.Error as exc:  # e.g. a quoted field past the csv module's field limit
+            return None, f"CSV error: {exc}"
+        except _RecordTooLong:
+            return None, f"longer than {self.limit:,} characters"
+
+    @property
+    def first_line(self) -> int:
+        """Line number of the record's first line."""
+        return self._lines.current[0][0]
+
+    @property
+    def last_line(self) -> int:
+        """Line number of the record's last line."""
+        return self._lines.current[-1][0]
+
+    @property
+    def spans_lines(self) -> bool:
+        """Whether a quoted field carried the record past its first line."""
+        return len(self._lines.current) > 1
+
+    @property
+    def eof_in_quotes(self) -> bool:
+        """Whether the file ended inside a quoted field of the record."""
+        return self._lines.eof_in_record
+
+    def text(self, first_only: bool = False) -> str | None:
+        """The record's raw text (or its first line's), None if a line was too long to keep."""
+        lines = self._lines.current[:1] if first_only else self._lines.current
+        if any(text is None for _, text in lines):
+            return None
+        return "".join(text for _, text in lines if text is not None)
+
+    def reread_after_first(self) -> None:
+        """Read the lines after this record's first one again, as records."""
+        self._lines.push_back_after_first()
+
+
+def unclosed_quote_message(last_line: int, why: str, *, at_eof: bool, reread: bool) -> str:
+    """The report of a record whose quoted field, opened on its first line, ran too far."""
+    runs_to = f"the end of the file, line {last_line}" if at_eof else f"line {last_line}"
+    message = f"unclosed quote (the quoted field opened here runs to {runs_to}"
+    message += ")" if at_eof else f": {why})"
+    if reread:
+        message += "; the lines after it are read as rows"
+    return message
+
+
+def strict_quoting_problem(text: str | None) -> str | None:
+    """Why the lines of one multi-line record are not strictly quoted CSV, or None.
+
+    The lenient parser takes a stray quote on a later line (``"D`` in ``a,"D``) as the
+    end of a quoted field opened lines before, which would swallow the rows between
+    them; strict CSV wants a quote that closes a field to be followed by a delimiter or
+    the end of the line, which catches that.
+    """
+    if text is None:
+        return None
+    try:
+        for _ in csv.reader(io.StringIO(text, newline=""), strict=True):
+            pass
+    except csv.Error as exc:
+        return f"malformed quoting: {exc}"
+    return None
+
+
+# Characters that cannot be inside an address; splitting a left-out row's raw text on
+# them finds the addresses on it, whether or not the row parses.
+_NOT_IN_ADDRESS = re.compile(r"[\s,;\"<>()\[\]:\\]+")
+
+
+def addresses_in(text: str) -> set[str]:
+    """The valid addresses anywhere in ``text`` (a left-out row), normalized."""
+    found = set()
+    for token in _NOT_IN_ADDRESS.split(text):
+        email = normalize_address(token)
+        if "@" in email and is_valid_address(email) and _UNSTORABLE.search(email) is None:
+            found.add(email)
+    return found
+
+
+StagedRow = tuple[int, str, str, str, bool]
+"""(line, email, name, merge fields as JSON, left out) as staged for the import."""
+
+
 class _RowChecker:
-    """Reads the CSV, keeps problems (the first ``keep`` of them), yields valid rows."""
+    """Reads the CSV, keeps problems (the first ``keep`` of them), yields rows to stage.
+
+    Valid rows are staged with ``left_out`` False. For each row left out, the addresses
+    on it are staged with ``left_out`` True, so that ``replace`` does not remove them.
+    """
 
     def __init__(self, path: Path, keep: int) -> None:
         self.path = path
@@ -93,19 +306,35 @@ class _RowChecker:
         self.rows_read = 0
         self.merge_fields: list[str] = []
         self.renamed: list[tuple[str, str]] = []
+        self.unreadable_lines: list[int] = []
+        """Left-out lines too long to keep, whose addresses are therefore unknown."""
 
     def problem(self, line: int, message: str) -> None:
         self.problem_count += 1
         if len(self.problems) < self.keep:
             self.problems.append(RowProblem(line, message))
 
-    def _read_header(self, reader: Iterator[list[str]]) -> list[str]:
+    def _left_out(self, line: int, message: str, text: str | None) -> Iterator[StagedRow]:
+        self.problem(line, message)
+        if text is None:
+            self.unreadable_lines.append(line)
+            return
+        for email in addresses_in(text):
+            yield line, email, "", "{}", True
+
+    def _read_header(self, records: CsvRecords) -> list[str]:
         try:
-            header = [column.strip() for column in next(reader)]
+            fields, error = next(records)
         except StopIteration:
             raise ImportFailed(f"{self.path} is empty") from None
-        except csv.Error as exc:
-            raise ImportFailed(f"{self.path}: cannot read the header line ({exc})") from None
+        if fields is None:
+            raise ImportFailed(f"{self.path}: cannot read the header line ({error})")
+        if records.spans_lines or records.eof_in_quotes:
+            raise ImportFailed(
+                f"{self.path}: the header line opens a quote that it does not close "
+                "(column names must be on the first line)"
+            )
+        header = [column.strip() for column in fields]
         for column in header:
             if (why := _unstorable(column)) is not None:
                 raise ImportFailed(f"{self.path}: the header line {why}")
@@ -144,10 +373,10 @@ class _RowChecker:
                 return f"column '{header[index]}' {why}" if index < len(header) else why
         raise AssertionError("no unstorable value in the row")
 
-    def rows(self) -> Iterator[tuple[int, str, str, str]]:
+    def rows(self) -> Iterator[StagedRow]:
         with self.path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as handle:
-            reader = csv.reader(handle)
-            header = self._read_header(reader)
+            records = CsvRecords(handle)
+            header = self._read_header(records)
             lowered = [column.lower() for column in header]
             missing = [c for c in REQUIRED_COLUMNS if c not in lowered]
             if missing:
@@ -162,38 +391,58 @@ class _RowChecker:
             name_at = lowered.index("name") if "name" in lowered else None
             extra = self._merge_fields(header, lowered)
             width = len(header)
-            line = reader.line_num
-            while True:
-                try:
-                    row = next(reader)
-                except StopIteration:
-                    break
-                except csv.Error as exc:  # e.g. an unclosed quote running past the field limit
-                    self.rows_read += 1
-                    self.problem(line + 1, f"cannot be read as CSV ({exc})")
-                    line = reader.line_num
-                    continue
-                first_line, line = line + 1, reader.line_num
-                if not row or (len(row) == 1 and not row[0].strip()):
-                    continue  # blank line
+            for row, error in records:
+                # A record that spans lines, or meets the end of the file, has a quoted
+                # field that ran past its first line: legitimately, or from a quote
+                # that was never closed. If the row it makes is bad, it is the latter.
+                suspect = records.spans_lines or records.eof_in_quotes
+                if row is not None and not suspect:
+                    if not row or (len(row) == 1 and not row[0].strip()):
+                        continue  # blank line
                 self.rows_read += 1
+                first_line = records.first_line
+                if row is None:
+                    shape, email = error or "cannot be read", ""
+                elif records.eof_in_quotes:
+                    shape, email = "the file ends inside it", ""
+                elif len(row) != width:
+                    shape, email = f"expected {width} columns, found {len(row)}", ""
+                else:
+                    email = normalize_address(row[email_at])
+                    shape = None if is_valid_address(email) else "no valid email address"
+                    if shape is None and records.spans_lines:
+                        shape = strict_quoting_problem(records.text())
+                if suspect and shape is not None:
+                    reread = records.spans_lines
+                    message = unclosed_quote_message(
+                        records.last_line, shape, at_eof=records.eof_in_quotes, reread=reread
+                    )
+                    yield from self._left_out(first_line, message, records.text(first_only=True))
+                    if reread:
+                        records.reread_after_first()
+                    continue
+                if row is None:
+                    yield from self._left_out(
+                        first_line, f"cannot be read as CSV ({error})", records.text()
+                    )
+                    continue
                 # one scan of the whole row; the column is looked up only for a bad one
                 if _UNSTORABLE.search("".join(row)):
-                    self.problem(first_line, self._unstorable_column(header, row))
+                    message = self._unstorable_column(header, row)
+                    yield from self._left_out(first_line, message, records.text())
                     continue
-                if len(row) != width:
-                    self.problem(first_line, f"expected {width} columns, found {len(row)}")
-                    continue
-                email = normalize_address(row[email_at])
-                if not email:
-                    self.problem(first_line, "missing email")
-                    continue
-                if not is_valid_address(email):
-                    self.problem(first_line, f"invalid email address '{row[email_at].strip()}'")
+                if shape is not None:
+                    if len(row) != width:
+                        message = shape
+                    elif not email:
+                        message = "missing email"
+                    else:
+                        message = f"invalid email address '{row[email_at].strip()}'"
+                    yield from self._left_out(first_line, message, records.text())
                     continue
                 name = row[name_at].strip() if name_at is not None else ""
                 fields = {key: row[index] for index, key in extra}
-                yield first_line, email, name, json.dumps(fields)
+                yield first_line, email, name, json.dumps(fields), False
 
 
 async def import_audience(
@@ -202,33 +451,55 @@ async def import_audience(
     name: str,
     path: Path,
     *,
+    replace: bool = False,
     keep_problems: int = 1000,
 ) -> ImportReport:
     """Import ``path`` into audience ``name`` of ``org``, creating the audience if new.
 
+    Recipients of the audience that are not in the file are kept and counted
+    (``not_in_file``), or removed with ``replace=True``. Removal spares every address
+    that appears on a row left out: such a row (a typo in another column, an unclosed
+    quote) was most likely meant to keep its recipient, and removing recipients by
+    mistake is worse than keeping one until the row is fixed. A left-out line too long
+    to read may hold any address, so with ``replace`` it makes the import refused.
+    Everything happens in one transaction.
+
     Raises:
-        ImportFailed: when the file or the org makes the whole import impossible.
+        ImportFailed: when the inputs, the file or the org make the whole import impossible.
     """
+    if (problem := org_id_problem(org)) is not None:
+        raise ImportFailed(f"org: {org!r} {problem}")
+    if (problem := audience_name_problem(name)) is not None:
+        raise ImportFailed(f"audience name: {problem}")
     if not path.is_file():
         raise ImportFailed(f"{path}: no such file")
     if await conn.fetchval("SELECT id FROM orgs WHERE id = $1", org) is None:
         raise ImportFailed(f"unknown org '{org}' (add it with `campaigns org add {org}`)")
     checker = _RowChecker(path, keep_problems)
     async with conn.transaction():
+        # left_out rows carry only an address seen on a row left out, for ``replace``.
         await conn.execute(
             """CREATE TEMP TABLE import_rows (
                    line integer NOT NULL, email text NOT NULL, name text NOT NULL,
-                   merge_fields text NOT NULL) ON COMMIT DROP"""
+                   merge_fields text NOT NULL, left_out boolean NOT NULL) ON COMMIT DROP"""
         )
         await conn.copy_records_to_table(
             "import_rows",
             records=checker.rows(),
-            columns=["line", "email", "name", "merge_fields"],
+            columns=["line", "email", "name", "merge_fields", "left_out"],
         )
+        if replace and checker.unreadable_lines:
+            lines = ", ".join(str(line) for line in checker.unreadable_lines[:10])
+            raise ImportFailed(
+                f"{path}: replace refused, nothing imported: line(s) {lines} could not be read "
+                f"(longer than {MAX_RECORD_CHARS:,} characters), so which recipients they "
+                "keep is unknown; fix them or import without --replace"
+            )
+        await conn.execute("ANALYZE import_rows")  # plans for the joins below
         duplicates = await conn.fetch(
             """WITH ranked AS (
                    SELECT line, email, min(line) OVER (PARTITION BY email) AS first_line
-                   FROM import_rows)
+                   FROM import_rows WHERE NOT left_out)
                SELECT line, email, first_line, count(*) OVER () AS total
                FROM ranked WHERE line <> first_line ORDER BY line LIMIT $1""",
             keep_problems,
@@ -239,7 +510,8 @@ async def import_audience(
             checker.problem_count += duplicates[0]["total"] - len(duplicates)
             await conn.execute(
                 """DELETE FROM import_rows a USING import_rows b
-                   WHERE a.email = b.email AND a.line > b.line"""
+                   WHERE a.email = b.email AND a.line > b.line
+                     AND NOT a.left_out AND NOT b.left_out"""
             )
         audience_id = await conn.fetchval(
             """INSERT INTO audiences (org_id, name, merge_fields) VALUES ($1, $2, $3)
@@ -255,7 +527,8 @@ async def import_audience(
         counts = await conn.fetchrow(
             """WITH upserted AS (
                    INSERT INTO recipients (audience_id, email, name, merge_fields)
-                   SELECT $1, email, name, merge_fields::jsonb FROM import_rows ORDER BY line
+                   SELECT $1, email, name, merge_fields::jsonb FROM import_rows
+                   WHERE NOT left_out ORDER BY line
                    ON CONFLICT (audience_id, email) DO UPDATE
                    SET name = EXCLUDED.name, merge_fields = EXCLUDED.merge_fields
                    WHERE (recipients.name, recipients.merge_fields)
@@ -263,10 +536,33 @@ async def import_audience(
                    RETURNING (xmax = 0) AS inserted)
                SELECT count(*) FILTER (WHERE inserted) AS inserted,
                       count(*) FILTER (WHERE NOT inserted) AS updated,
-                      (SELECT count(*) FROM import_rows) AS staged
+                      (SELECT count(*) FROM import_rows WHERE NOT left_out) AS staged
                FROM upserted""",
             audience_id,
         )
+        # Recipients not on a valid row of the file: the audience had them before.
+        absent = await conn.fetchrow(
+            """WITH absent AS (
+                   SELECT r.email FROM recipients r
+                   WHERE r.audience_id = $1 AND NOT EXISTS (
+                       SELECT 1 FROM import_rows i WHERE i.email = r.email AND NOT i.left_out)),
+               spared AS (SELECT DISTINCT email FROM import_rows WHERE left_out)
+               SELECT count(*) FILTER (WHERE s.email IS NULL) AS not_in_file,
+                      count(s.email) AS on_left_out_rows
+               FROM absent a LEFT JOIN spared s USING (email)""",
+            audience_id,
+        )
+        removed = 0
+        if replace and absent["not_in_file"]:
+            removed = await conn.fetchval(
+                """WITH removed AS (
+                       DELETE FROM recipients r
+                       WHERE r.audience_id = $1 AND NOT EXISTS (
+                           SELECT 1 FROM import_rows i WHERE i.email = r.email)
+                       RETURNING 1)
+                   SELECT count(*) FROM removed""",
+                audience_id,
+            )
         merge_fields = await conn.fetchval(
             "SELECT merge_fields FROM audiences WHERE id = $1", audience_id
         )
@@ -281,4 +577,8 @@ async def import_audience(
         problem_count=checker.problem_count,
         merge_fields=list(merge_fields),
         renamed_columns=checker.renamed,
+        not_in_file=absent["not_in_file"],
+        on_left_out_rows=absent["on_left_out_rows"],
+        removed=removed,
+        replace=replace,
     )

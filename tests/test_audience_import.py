@@ -26,9 +26,9 @@ edsger@example.com,Edsger,Dakar,team
 """
 
 
-async def run_import(pool: asyncpg.Pool, path: Path, org: str, name: str):
+async def run_import(pool: asyncpg.Pool, path: Path, org: str, name: str, **options: bool):
     async with pool.acquire() as conn:
-        return await import_audience(conn, org, name, path)
+        return await import_audience(conn, org, name, path, **options)
 
 
 async def test_bad_rows_are_reported_by_line_and_good_rows_kept(
@@ -202,3 +202,243 @@ async def test_undecodable_and_nul_rows_are_reported_and_the_rest_kept(
         "grace@example.com",
         "alan@example.com",
     ]
+
+
+def assert_counts_add_up(report) -> None:  # noqa: ANN001
+    """Every row read is new, updated, unchanged or left out (duplicates included)."""
+    assert report.rows_read == (
+        report.inserted + report.updated + report.unchanged + report.problem_count
+    ), report
+
+
+async def emails_of(pool: asyncpg.Pool, audience_id: int) -> list[str]:
+    rows = await pool.fetch(
+        "SELECT email FROM recipients WHERE audience_id = $1 ORDER BY email", audience_id
+    )
+    return [row["email"] for row in rows]
+
+
+UNCLOSED = (
+    "email,name\n"
+    "ok1@example.com,One\n"
+    'bob@example.com,"Bob\n'  # opens a quote that never closes
+    "ok2@example.com,Two\n"
+    "ok3@example.com,Three\n"
+    "ok4@example.com,Four\n"
+)
+
+
+async def test_an_unclosed_quote_is_reported_where_it_opens_and_the_rows_after_it_kept(
+    pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    org = await make_org(pool)
+    path = tmp_path / "unclosed.csv"
+    path.write_text(UNCLOSED)
+
+    report = await run_import(pool, path, org, "people")
+
+    assert [str(problem) for problem in report.problems] == [
+        "line 3: unclosed quote (the quoted field opened here runs to the end of the file, "
+        "line 6); the lines after it are read as rows"
+    ]
+    assert (report.rows_read, report.inserted, report.problem_count) == (5, 4, 1)
+    assert_counts_add_up(report)
+    assert await emails_of(pool, report.audience_id) == [
+        "ok1@example.com",
+        "ok2@example.com",
+        "ok3@example.com",
+        "ok4@example.com",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (  # a stray quote lines later "closes" it: strict quoting catches it
+            'email,name\nok1@example.com,A\nbob@example.com,"Bob\nok2@example.com,B\n'
+            'ok3@example.com,"C\nok4@example.com,D\n',
+            "line 3: unclosed quote (the quoted field opened here runs to line 5: malformed "
+            "quoting: ',' expected after '\"'); the lines after it are read as rows",
+        ),
+        (  # a quote lines later closes it, but the row it makes has too many columns
+            'email,name\nok1@example.com,A\nbob@example.com,"Bob\nok2@example.com,B\n'
+            'ok3@example.com,"C",x\nok4@example.com,D\n',
+            "line 3: unclosed quote (the quoted field opened here runs to line 5: expected 2 "
+            "columns, found 3); the lines after it are read as rows",
+        ),
+    ],
+)
+async def test_a_quote_closed_by_a_stray_quote_lines_later_swallows_nothing(
+    pool: asyncpg.Pool, tmp_path: Path, content: str, problem: str
+) -> None:
+    org = await make_org(pool)
+    path = tmp_path / "stray.csv"
+    path.write_text(content)
+
+    report = await run_import(pool, path, org, unique("aud"))
+
+    messages = [str(p) for p in report.problems]
+    assert messages[0] == problem
+    assert "ok2@example.com" in await emails_of(pool, report.audience_id)
+    assert "ok4@example.com" in await emails_of(pool, report.audience_id)
+    assert_counts_add_up(report)
+
+
+async def test_an_unclosed_quote_in_a_large_file_costs_one_row(
+    pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    """Past the csv module's 128 KiB field limit the rows after the quote are still read."""
+    org = await make_org(pool)
+    path = tmp_path / "large.csv"
+    rows = [f"reader{n:05d}@example.com,Reader {n}" for n in range(1, 5001)]
+    rows[9] = 'bob@example.com,"Bob'
+    path.write_text("email,name\n" + "\n".join(rows) + "\n")
+
+    report = await run_import(pool, path, org, "large")
+
+    assert len(report.problems) == 1 and report.problems[0].line == 11
+    assert report.problems[0].message.startswith("unclosed quote (the quoted field opened here")
+    assert "field larger than field limit" in report.problems[0].message
+    assert (report.rows_read, report.inserted, report.problem_count) == (5000, 4999, 1)
+    assert_counts_add_up(report)
+
+
+async def test_a_valid_multi_line_quoted_value_is_kept(pool: asyncpg.Pool, tmp_path: Path) -> None:
+    org = await make_org(pool)
+    path = tmp_path / "multi.csv"
+    path.write_text(
+        'email,name,note\nada@example.com,"Ada\nLovelace","line one\r\nline ""two"""\n'
+        "alan@example.com,Alan,plain\n"
+    )
+
+    report = await run_import(pool, path, org, "multi")
+
+    assert report.problems == [] and report.inserted == 2
+    row = await pool.fetchrow(
+        "SELECT name, merge_fields FROM recipients WHERE audience_id = $1 AND email = $2",
+        report.audience_id,
+        "ada@example.com",
+    )
+    assert row["name"] == "Ada\nLovelace"
+    assert row["merge_fields"] == {"note": 'line one\r\nline "two"'}
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        CSV,
+        UNCLOSED,
+        UNCLOSED + "ok1@example.com,Dup\nnope,Bad\n\nok5@example.com,Five,extra\n",
+        'email\n"a@example.com\n',
+    ],
+)
+async def test_counts_add_up_with_duplicates_bad_rows_and_unclosed_quotes(
+    pool: asyncpg.Pool, tmp_path: Path, content: str
+) -> None:
+    org = await make_org(pool)
+    path = tmp_path / "counts.csv"
+    path.write_text(content)
+    name = unique("aud")
+
+    first = await run_import(pool, path, org, name)
+    again = await run_import(pool, path, org, name)
+
+    assert_counts_add_up(first)
+    assert_counts_add_up(again)
+    assert again.inserted == again.updated == 0 and again.unchanged == first.inserted
+
+
+async def test_reimport_keeps_recipients_no_longer_in_the_file_and_says_so(
+    pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    org = await make_org(pool)
+    path = tmp_path / "people.csv"
+    path.write_text("email,name\na@example.com,A\nb@example.com,B\nc@example.com,C\n")
+    first = await run_import(pool, path, org, "people")
+    path.write_text("email,name\na@example.com,A\n")
+
+    again = await run_import(pool, path, org, "people")
+
+    assert (again.not_in_file, again.removed, again.replace) == (2, 0, False)
+    assert_counts_add_up(again)
+    assert await emails_of(pool, first.audience_id) == [
+        "a@example.com",
+        "b@example.com",
+        "c@example.com",
+    ]
+
+
+async def test_replace_removes_recipients_no_longer_in_the_file_but_not_left_out_ones(
+    pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    org = await make_org(pool)
+    path = tmp_path / "people.csv"
+    path.write_text(
+        "email,name,city\na@example.com,A,x\nb@example.com,B,x\nc@example.com,C,x\n"
+        "d@example.com,D,x\ne@example.com,E,x\n"
+    )
+    first = await run_import(pool, path, org, "people")
+    path.write_text(
+        "email,name,city\n"
+        "a@example.com,A,x\n"
+        "c@example.com,C\n"  # left out (a column short): c is kept
+        'd@example.com,"D,x\n'  # an unclosed quote, left out: d is kept
+        "f@example.com,F,x\n"
+    )
+
+    report = await run_import(pool, path, org, "people", replace=True)
+
+    assert (report.not_in_file, report.on_left_out_rows, report.removed) == (2, 2, 2)
+    assert (report.rows_read, report.inserted, report.unchanged, report.problem_count) == (
+        4,
+        1,
+        1,
+        2,
+    )
+    assert_counts_add_up(report)
+    assert await emails_of(pool, first.audience_id) == [
+        "a@example.com",
+        "c@example.com",
+        "d@example.com",
+        "f@example.com",
+    ]
+
+
+async def test_replace_is_refused_when_a_left_out_line_cannot_be_read(
+    pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    org = await make_org(pool)
+    path = tmp_path / "people.csv"
+    path.write_text("email,name\na@example.com,A\nb@example.com,B\n")
+    first = await run_import(pool, path, org, "people")
+    path.write_text("email,name\nnew@example.com,N\nb@example.com," + "x" * 1_100_000 + "\n")
+
+    with pytest.raises(ImportFailed, match="replace refused, nothing imported: line.s. 3"):
+        await run_import(pool, path, org, "people", replace=True)
+
+    assert await emails_of(pool, first.audience_id) == ["a@example.com", "b@example.com"]
+    kept = await run_import(pool, path, org, "people")  # without replace it imports
+    assert kept.inserted == 1 and kept.problems[0].line == 3
+    assert "longer than 1,048,576 characters" in kept.problems[0].message
+
+
+@pytest.mark.parametrize(
+    ("org", "name", "message"),
+    [
+        ("[/]", "people", r"org: '\[/\]' is not a valid org id \(letters, digits"),
+        ("a" * 65, "people", "is not a valid org id"),
+        (None, "x" * 201, "audience name: is 201 characters long; at most 200"),
+        (None, "two\nlines", "audience name: must not contain control characters"),
+        (None, "esc\x1b[31m", "audience name: must not contain control characters"),
+        (None, "  ", "audience name: must not be blank"),
+    ],
+)
+async def test_import_refuses_bad_org_ids_and_audience_names(
+    pool: asyncpg.Pool, tmp_path: Path, org: str | None, name: str, message: str
+) -> None:
+    real_org = await make_org(pool)
+    path = tmp_path / "ok.csv"
+    path.write_text("email\nada@example.com\n")
+    with pytest.raises(ImportFailed, match=message):
+        await run_import(pool, path, org or real_org, name)
+    assert await pool.fetchval("SELECT count(*) FROM audiences WHERE org_id = $1", real_org) == 0

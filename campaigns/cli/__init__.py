@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
+import re
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from rich.console import Console
+from rich.text import Text
 
-from campaigns.audience_import import ImportFailed
+from campaigns.addresses import is_valid_domain
+from campaigns.audience_import import ImportFailed, audience_name_problem, org_id_problem
 from campaigns.cli import _schedules as schedules
 from campaigns.cli._campaign import (
     CommandError,
@@ -27,6 +31,7 @@ from campaigns.cli._campaign import (
     cmd_validate,
 )
 from campaigns.cli._data import (
+    MAX_ORG_NAME,
     cmd_audience_import,
     cmd_audience_list,
     cmd_migrate,
@@ -35,14 +40,128 @@ from campaigns.cli._data import (
     cmd_org_list,
     cmd_suppress,
 )
+from campaigns.cli._progress import literal
 from campaigns.cli._stack import cmd_demo, cmd_stack_down, cmd_stack_status, cmd_stack_up
 from campaigns.client import CampaignAlreadyRunning, CampaignNotFound, ControlRefused
 from campaigns.db import SchemaOutOfDate
+from campaigns.models import MAX_AUDIENCE_NAME, MAX_WINDOW
+from campaigns.safe_text import control_character_problem
 from campaigns.settings import Settings
 from campaigns.spec_check import InvalidSpec
 from campaigns.stack import StackError
 
 Handler = Callable[[argparse.Namespace, Settings, Console], Awaitable[int]]
+
+IMPORT_DESCRIPTION = """\
+Import recipients from a CSV file into an audience of the org (created if new).
+
+The header names the columns: email (required), name (optional); any other column
+becomes a merge field. Bad rows (an invalid address, a wrong number of columns, a
+duplicate address, text that is not UTF-8, a quote that is never closed) are reported
+by line and left out; the other rows are imported, all in one transaction. A quote
+that is never closed is reported at the line where it opens, and the lines after that
+one are read as rows.
+
+Recipients of the audience that are not in the file are kept, and the report says how
+many. With --replace they are removed, in the same transaction as the import, except
+those whose address appears on a row that was left out (that row was meant to keep
+them; fix it and import again). --replace is refused, and nothing is imported, when a
+left-out line was too long to be read, since its address is unknown.
+"""
+
+FLAG_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
+"""Feature flag names: a lowercase letter, then lowercase letters, digits or '_'; at most 64."""
+MAX_LIMIT = 10_000
+
+
+# Argument checks. Each returns the value or raises ArgumentTypeError; argparse then
+# prints "argument --org: <reason>" and exits 2 before the command runs, so a refused
+# value never reaches the database or a workflow.
+
+
+def _shown(value: str) -> str:
+    """A typed value quoted for an error message: control characters escaped, length cut."""
+    return repr(value) if len(value) <= 80 else f"{value[:80]!r}..."
+
+
+def org_id_arg(value: str) -> str:
+    """An org id (``ORG``, ``--org``): the rule of ``campaigns.models.OrgId``."""
+    if (problem := org_id_problem(value)) is not None:
+        raise argparse.ArgumentTypeError(f"{_shown(value)} {problem}")
+    return value
+
+
+def domain_arg(value: str) -> str:
+    """``--verified-domain``: a DNS name of two or more labels."""
+    if not is_valid_domain(value):
+        raise argparse.ArgumentTypeError(
+            f"{_shown(value)} is not a domain name: two or more labels of letters, digits "
+            "and '-' separated by '.', at most 253 characters (e.g. brand.example)"
+        )
+    return value
+
+
+def org_name_arg(value: str) -> str:
+    """An org display name (``org add --name``): bounded, on one line, no control characters."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("must not be blank")
+    if len(value) > MAX_ORG_NAME:
+        raise argparse.ArgumentTypeError(
+            f"is {len(value):,} characters long; at most {MAX_ORG_NAME} are allowed"
+        )
+    if (problem := control_character_problem(value)) is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return value
+
+
+def audience_name_arg(value: str) -> str:
+    """An audience name (``audience import --name``): the rule ``import_audience`` applies."""
+    if (problem := audience_name_problem(value)) is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return value
+
+
+def flag_arg(value: str) -> str:
+    """A feature flag name (``org flag ORG FLAG``)."""
+    if re.fullmatch(FLAG_PATTERN, value) is None:
+        raise argparse.ArgumentTypeError(
+            f"{_shown(value)} is not a flag name: a lowercase letter, then lowercase letters, "
+            "digits or '_', at most 64 characters (e.g. first_party)"
+        )
+    return value
+
+
+def rate_arg(value: str) -> float:
+    """``throttle --rate``: emails per second, finite and greater than 0."""
+    try:
+        rate = float(value)
+    except ValueError:
+        rate = math.nan
+    if not math.isfinite(rate) or rate <= 0:
+        raise argparse.ArgumentTypeError(
+            f"{_shown(value)} is not a rate: give emails per second, a finite number "
+            "greater than 0 (or --no-rate to lift the limit)"
+        )
+    return rate
+
+
+def _int_in(low: int, high: int) -> Callable[[str], int]:
+    def check(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            number = low - 1
+        if not low <= number <= high:
+            raise argparse.ArgumentTypeError(
+                f"{_shown(value)} is not a whole number between {low:,} and {high:,}"
+            )
+        return number
+
+    return check
+
+
+window_arg = _int_in(1, MAX_WINDOW)
+"""``throttle --window``: batch activities in flight, 1 to ``MAX_WINDOW``."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,11 +185,15 @@ def _parser() -> argparse.ArgumentParser:
     sub = add("status", cmd_status, "live progress of a campaign (or --json for one snapshot)")
     sub.add_argument("workflow_id", metavar="ID")
     sub.add_argument("--json", action="store_true", help="print one status snapshot as JSON")
-    sub = add("list", cmd_list, "list campaigns")
+    sub = add(
+        "list",
+        cmd_list,
+        "list campaigns, newest first (a table; --json for whole records to pipe into tools)",
+    )
     sub.add_argument("--state", help="e.g. Running, WaitingRetry, Completed, Failed")
-    sub.add_argument("--org")
-    sub.add_argument("--limit", type=int, default=50)
-    sub.add_argument("--json", action="store_true")
+    sub.add_argument("--org", type=org_id_arg)
+    sub.add_argument("--limit", type=_int_in(1, MAX_LIMIT), default=50, help="at most this many")
+    sub.add_argument("--json", action="store_true", help="print the campaigns as JSON")
     sub = add("pause", cmd_pause, "pause a campaign (in-flight batches finish, none start)")
     sub.add_argument("workflow_id", metavar="ID")
     sub = add("resume", cmd_resume, "resume a paused campaign")
@@ -79,8 +202,10 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("workflow_id", metavar="ID")
     sub = add("throttle", cmd_throttle, "change a running campaign's window or send rate")
     sub.add_argument("workflow_id", metavar="ID")
-    sub.add_argument("--window", type=int, help="batch activities in flight")
-    sub.add_argument("--rate", type=float, help="emails per second at most")
+    sub.add_argument(
+        "--window", type=window_arg, help=f"batch activities in flight, 1 to {MAX_WINDOW}"
+    )
+    sub.add_argument("--rate", type=rate_arg, help="emails per second at most (greater than 0)")
     sub.add_argument("--no-rate", action="store_true", help="remove the rate limit")
     sub = add("reschedule", cmd_reschedule, "move the start of a scheduled campaign")
     sub.add_argument("workflow_id", metavar="ID")
@@ -94,23 +219,46 @@ def _parser() -> argparse.ArgumentParser:
     add("migrate", cmd_migrate, "apply pending schema migrations", group)
     group = add("org", None, "orgs").add_subparsers(dest="org_command", required=True)
     sub = add("add", cmd_org_add, "add (or update) an org", group)
-    sub.add_argument("org_id", metavar="ORG")
-    sub.add_argument("--name")
-    sub.add_argument("--verified-domain", help="the org's own verified sending domain")
+    sub.add_argument(
+        "org_id", metavar="ORG", type=org_id_arg, help="letters, digits, '.', '_', '-'; 1 to 64"
+    )
+    sub.add_argument(
+        "--name", type=org_name_arg, help=f"display name, at most {MAX_ORG_NAME} characters"
+    )
+    sub.add_argument(
+        "--verified-domain", type=domain_arg, help="the org's own verified sending domain"
+    )
     sub = add("flag", cmd_org_flag, "set an org's feature flag", group)
-    sub.add_argument("org_id", metavar="ORG")
-    sub.add_argument("flag", metavar="FLAG", help="e.g. first_party")
+    sub.add_argument("org_id", metavar="ORG", type=org_id_arg)
+    sub.add_argument("flag", metavar="FLAG", type=flag_arg, help="e.g. first_party")
     sub.add_argument("state", choices=["on", "off"])
     add("list", cmd_org_list, "list orgs", group)
     group = add("audience", None, "audiences").add_subparsers(dest="aud_command", required=True)
-    sub = add("import", cmd_audience_import, "import recipients from a CSV file", group)
-    sub.add_argument("--org", required=True)
-    sub.add_argument("--name", required=True, help="audience name (created if new)")
+    sub = add(
+        "import",
+        cmd_audience_import,
+        "import recipients from a CSV file",
+        group,
+    )
+    sub.description = IMPORT_DESCRIPTION
+    sub.formatter_class = argparse.RawDescriptionHelpFormatter
+    sub.add_argument("--org", required=True, type=org_id_arg)
+    sub.add_argument(
+        "--name",
+        required=True,
+        type=audience_name_arg,
+        help=f"audience name (created if new), at most {MAX_AUDIENCE_NAME} characters",
+    )
+    sub.add_argument(
+        "--replace",
+        action="store_true",
+        help="remove the audience's recipients that are not in the file (see above)",
+    )
     sub.add_argument("file", type=Path, metavar="FILE.csv")
     sub = add("list", cmd_audience_list, "list audiences", group)
-    sub.add_argument("--org")
+    sub.add_argument("--org", type=org_id_arg)
     sub = add("suppress", cmd_suppress, "stop sending to addresses for an org")
-    sub.add_argument("--org", required=True)
+    sub.add_argument("--org", required=True, type=org_id_arg)
     sub.add_argument(
         "--reason", default="unsubscribed", choices=["unsubscribed", "bounced", "complained"]
     )
@@ -142,6 +290,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _failure(label: str, exc: BaseException) -> Text:
+    """``label`` in red, then the message literally: it quotes ids, names and file text."""
+    return Text.assemble((label, "red"), " ", literal(exc))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run one command and exit with its status."""
     args = _parser().parse_args(argv)
@@ -149,20 +302,17 @@ def main(argv: list[str] | None = None) -> None:
     errors = Console(stderr=True)
     try:
         code = asyncio.run(args.handler(args, Settings(), console))
-    except InvalidSpec as exc:
-        errors.print(f"[red]error:[/] {exc}", highlight=False)
-        code = 2
-    except ImportFailed as exc:
-        errors.print(f"[red]error:[/] {exc}", highlight=False)
+    except (InvalidSpec, ImportFailed) as exc:
+        errors.print(_failure("error:", exc))
         code = 2
     except CommandError as exc:
-        errors.print(f"[red]error:[/] {exc}", highlight=False)
+        errors.print(_failure("error:", exc))
         code = exc.code
     except (ControlRefused, CampaignAlreadyRunning, CampaignNotFound) as exc:
-        errors.print(f"[red]refused:[/] {exc}", highlight=False)
+        errors.print(_failure("refused:", exc))
         code = 2
     except (StackError, SchemaOutOfDate, RuntimeError, OSError) as exc:
-        errors.print(f"[red]error:[/] {exc}", highlight=False)
+        errors.print(_failure("error:", exc))
         code = 1
     except KeyboardInterrupt:
         code = 130

@@ -10,9 +10,10 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from campaigns import db
-from campaigns.cli._progress import status_line, summary_table, watch
+from campaigns.cli._progress import literal, status_line, summary_table, watch
 from campaigns.client import CampaignClient
 from campaigns.models import CampaignSpec, CampaignState, CampaignStatus
 from campaigns.settings import Settings
@@ -50,14 +51,16 @@ async def validated_spec(settings: Settings, path: Path) -> CampaignSpec:
 async def cmd_validate(args: Namespace, settings: Settings, console: Console) -> int:
     """``campaigns validate SPEC.json``."""
     spec = await validated_spec(settings, args.spec)
-    console.print(f"[green]ok[/]: campaign '{spec.campaign_id}' is valid")
+    console.print(
+        Text.assemble(("ok", "green"), ": campaign '", literal(spec.campaign_id), "' is valid")
+    )
     return 0
 
 
 async def _watch_to_end(client: CampaignClient, workflow_id: str, console: Console) -> int:
     final = await watch(lambda: client.status(workflow_id), console)
     console.print(summary_table(final))
-    console.print(f"Web UI: {client.settings.workflow_url(workflow_id)}")
+    console.print(literal(f"Web UI: {client.settings.workflow_url(workflow_id)}"))
     return 0 if final.state is CampaignState.COMPLETED else 1
 
 
@@ -66,14 +69,14 @@ async def cmd_start(args: Namespace, settings: Settings, console: Console) -> in
     spec = await validated_spec(settings, args.spec)
     client = await CampaignClient.connect(settings)
     handle = await client.start(spec, args.workflow_id)
-    console.print(f"started campaign [bold]{spec.campaign_id}[/]")
-    console.print(f"  workflow id  {handle.id}")
-    console.print(f"  Web UI       {settings.workflow_url(handle.id)}")
+    console.print(Text.assemble("started campaign ", literal(spec.campaign_id, "bold")))
+    console.print(literal(f"  workflow id  {handle.id}"))
+    console.print(literal(f"  Web UI       {settings.workflow_url(handle.id)}"))
     if spec.send_at:
         console.print(f"  sends at     {spec.send_at.isoformat()}")
     if args.watch:
         return await _watch_to_end(client, handle.id, console)
-    console.print(f"  progress     campaigns status {handle.id}")
+    console.print(literal(f"  progress     campaigns status {handle.id}"))
     return 0
 
 
@@ -93,14 +96,18 @@ async def cmd_list(args: Namespace, settings: Settings, console: Console) -> int
     if args.json:
         print(json.dumps([asdict(row) for row in rows], indent=2, default=str))
         return 0
-    table = Table("workflow id", "state", "org", "progress", "execution", "started")
+    table = Table()
+    # Values are printed whole, folded onto the next line if they must be, never cut with
+    # an ellipsis: a pipe or a narrow terminal would otherwise show ids that match nothing.
+    for header in ("workflow id", "state", "org", "progress", "execution", "started"):
+        table.add_column(header, overflow="fold")
     for row in rows:
         table.add_row(
-            row.workflow_id,
-            row.state or "",
-            row.org or "",
+            literal(row.workflow_id),
+            literal(row.state or ""),
+            literal(row.org or ""),
             f"{row.progress:.0f}%" if row.progress is not None else "",
-            row.execution_status or "",
+            literal(row.execution_status or ""),
             row.started_at.isoformat(timespec="seconds"),
         )
     console.print(table)
@@ -108,7 +115,7 @@ async def cmd_list(args: Namespace, settings: Settings, console: Console) -> int
 
 
 def _print_after(action: str, status: CampaignStatus, console: Console) -> None:
-    console.print(f"{action} [bold]{status.campaign_id}[/]")
+    console.print(Text.assemble(f"{action} ", literal(status.campaign_id, "bold")))
     console.print(status_line(status))
 
 
@@ -130,7 +137,9 @@ async def cmd_cancel(args: Namespace, settings: Settings, console: Console) -> i
     """``campaigns cancel ID``: in-flight batches finish and are recorded, none start."""
     client = await CampaignClient.connect(settings)
     _print_after("cancelling", await client.cancel(args.workflow_id), console)
-    console.print(f"the summary will show what was not sent: campaigns status {args.workflow_id}")
+    console.print(
+        literal(f"the summary will show what was not sent: campaigns status {args.workflow_id}")
+    )
     return 0
 
 
@@ -147,8 +156,12 @@ async def cmd_throttle(args: Namespace, settings: Settings, console: Console) ->
     assert status is not None and status.controls is not None
     rate = status.controls.rate_per_second
     console.print(
-        f"campaign [bold]{status.campaign_id}[/]: window {status.controls.window}, "
-        f"rate limit {f'{rate:,.0f} emails/s' if rate else 'none'}"
+        Text.assemble(
+            "campaign ",
+            literal(status.campaign_id, "bold"),
+            f": window {status.controls.window}, ",
+            f"rate limit {f'{rate:,.0f} emails/s' if rate else 'none'}",
+        )
     )
     return 0
 
@@ -158,12 +171,16 @@ async def cmd_reschedule(args: Namespace, settings: Settings, console: Console) 
     try:
         send_at = datetime.fromisoformat(args.at)
     except ValueError:
-        raise CommandError(f"--at: '{args.at}' is not an ISO 8601 date and time", 2) from None
+        raise CommandError(f"--at: {args.at!r} is not an ISO 8601 date and time", 2) from None
     if send_at.tzinfo is None:
         raise CommandError("--at needs a timezone, e.g. 2026-12-01T09:00:00+00:00", 2)
     client = await CampaignClient.connect(settings)
     status = await client.reschedule(args.workflow_id, send_at)
-    console.print(f"campaign [bold]{status.campaign_id}[/] now sends at {send_at.isoformat()}")
+    console.print(
+        Text.assemble(
+            "campaign ", literal(status.campaign_id, "bold"), f" now sends at {send_at.isoformat()}"
+        )
+    )
     return 0
 
 
@@ -175,8 +192,12 @@ async def cmd_retry_failed(args: Namespace, settings: Settings, console: Console
         handle, spec = await client.retry_failed(args.workflow_id, conn)
     finally:
         await conn.close()
-    console.print(f"retrying failed recipients of [bold]{spec.campaign_id}[/] (new run)")
-    console.print(f"  Web UI  {settings.workflow_url(handle.id)}")
+    console.print(
+        Text.assemble(
+            "retrying failed recipients of ", literal(spec.campaign_id, "bold"), " (new run)"
+        )
+    )
+    console.print(literal(f"  Web UI  {settings.workflow_url(handle.id)}"))
     if args.watch:
         return await _watch_to_end(client, handle.id, console)
     return 0

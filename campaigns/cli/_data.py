@@ -5,14 +5,18 @@ from __future__ import annotations
 from argparse import Namespace
 
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from campaigns import db
 from campaigns.addresses import is_valid_address, normalize_address
 from campaigns.audience_import import ImportReport, import_audience
 from campaigns.cli._campaign import CommandError
+from campaigns.cli._progress import literal
 from campaigns.settings import Settings
+
+MAX_ORG_NAME = 200
+"""Longest org display name, in characters."""
 
 
 async def cmd_migrate(args: Namespace, settings: Settings, console: Console) -> int:
@@ -44,7 +48,7 @@ async def cmd_org_add(args: Namespace, settings: Settings, console: Console) -> 
         )
     finally:
         await conn.close()
-    console.print(f"org [bold]{args.org_id}[/] ready")
+    console.print(Text.assemble("org ", literal(args.org_id, "bold"), " ready"))
     return 0
 
 
@@ -53,7 +57,7 @@ async def cmd_org_flag(args: Namespace, settings: Settings, console: Console) ->
     conn = await db.connect(settings.require_database_url())
     try:
         if await conn.fetchval("SELECT id FROM orgs WHERE id = $1", args.org_id) is None:
-            raise CommandError(f"unknown org '{args.org_id}'", code=2)
+            raise CommandError(f"unknown org '{args.org_id}' (add it with `campaigns org add`)", 2)
         await conn.execute(
             """INSERT INTO org_feature_flags (org_id, flag, state) VALUES ($1, $2, $3)
                ON CONFLICT (org_id, flag)
@@ -64,7 +68,9 @@ async def cmd_org_flag(args: Namespace, settings: Settings, console: Console) ->
         )
     finally:
         await conn.close()
-    console.print(f"org [bold]{args.org_id}[/]: {args.flag} {args.state}")
+    console.print(
+        Text.assemble("org ", literal(args.org_id, "bold"), literal(f": {args.flag} {args.state}"))
+    )
     return 0
 
 
@@ -80,35 +86,71 @@ async def cmd_org_list(args: Namespace, settings: Settings, console: Console) ->
         await conn.close()
     table = Table("org", "name", "audiences")
     for row in rows:
-        table.add_row(row["id"], row["name"], str(row["audiences"]))
+        # rows written by SQL or older versions may hold anything, markup included
+        table.add_row(literal(row["id"]), literal(row["name"]), str(row["audiences"]))
     console.print(table)
     return 0
 
 
-def print_import_report(report: ImportReport, console: Console) -> None:
-    """Counts, merge fields and renamed columns, then each left-out row by line number."""
-    console.print(
-        f"read {report.rows_read:,} rows: {report.inserted:,} new, {report.updated:,} updated, "
-        f"{report.unchanged:,} unchanged, {report.problem_count:,} left out"
-    )
+def import_report_lines(report: ImportReport) -> list[Text]:
+    """What an import did, line by line: counts, what happened to recipients not in the
+    file, merge fields and renamed columns, then each left-out row by line number.
+
+    Everything from the file (headers, values quoted in problems) is shown literally.
+    """
+    lines = [
+        literal(
+            f"read {report.rows_read:,} rows: {report.inserted:,} new, "
+            f"{report.updated:,} updated, {report.unchanged:,} unchanged, "
+            f"{report.left_out:,} left out"
+        )
+    ]
+    if report.not_in_file:
+        if report.replace:
+            lines.append(
+                literal(
+                    f"{report.not_in_file:,} recipients of the audience are no longer in the "
+                    f"file: removed ({report.removed:,}, --replace)"
+                )
+            )
+        else:
+            lines.append(
+                literal(
+                    f"{report.not_in_file:,} recipients of the audience are no longer in the "
+                    "file: kept (import again with --replace to remove them)"
+                )
+            )
+    if report.on_left_out_rows:
+        lines.append(
+            literal(
+                f"{report.on_left_out_rows:,} recipients of the audience are only on rows left "
+                "out: kept (fix those rows and import again)"
+            )
+        )
     if report.merge_fields:
-        console.print(f"merge fields: {', '.join(report.merge_fields)}")
+        lines.append(literal(f"merge fields: {', '.join(report.merge_fields)}"))
     if report.renamed_columns:
         renames = ", ".join(f"'{column}' -> {name}" for column, name in report.renamed_columns)
-        # escaped: headers and rows are the file's text and may hold rich markup like [b]
-        console.print(f"renamed columns to merge-field names: {escape(renames)}")
+        lines.append(literal(f"renamed columns to merge-field names: {renames}"))
     for problem in report.problems:
-        console.print(f"  [yellow]{escape(str(problem))}[/]")
+        lines.append(Text.assemble("  ", literal(problem, "yellow")))
     hidden = report.problem_count - len(report.problems)
     if hidden > 0:
-        console.print(f"  ... and {hidden:,} more")
+        lines.append(literal(f"  ... and {hidden:,} more"))
+    return lines
+
+
+def print_import_report(report: ImportReport, console: Console) -> None:
+    """Print ``import_report_lines``."""
+    for line in import_report_lines(report):
+        console.print(line)
 
 
 async def cmd_audience_import(args: Namespace, settings: Settings, console: Console) -> int:
-    """``campaigns audience import --org ORG --name NAME FILE.csv``."""
+    """``campaigns audience import --org ORG --name NAME [--replace] FILE.csv``."""
     conn = await db.connect(settings.require_database_url())
     try:
-        report = await import_audience(conn, args.org, args.name, args.file)
+        report = await import_audience(conn, args.org, args.name, args.file, replace=args.replace)
     finally:
         await conn.close()
     print_import_report(report, console)
@@ -131,7 +173,10 @@ async def cmd_audience_list(args: Namespace, settings: Settings, console: Consol
     table = Table("org", "audience", "recipients", "merge fields")
     for row in rows:
         table.add_row(
-            row["org_id"], row["name"], f"{row['recipients']:,}", ", ".join(row["merge_fields"])
+            literal(row["org_id"]),
+            literal(row["name"]),
+            f"{row['recipients']:,}",
+            literal(", ".join(row["merge_fields"])),
         )
     console.print(table)
     return 0
@@ -142,7 +187,9 @@ async def cmd_suppress(args: Namespace, settings: Settings, console: Console) ->
     emails = [normalize_address(email) for email in args.emails]
     bad = [email for email in emails if not is_valid_address(email)]
     if bad:
-        raise CommandError(f"invalid email address: {', '.join(bad)}", code=2)
+        shown = ", ".join(repr(email) for email in bad[:10])
+        more = f" and {len(bad) - 10:,} more" if len(bad) > 10 else ""
+        raise CommandError(f"invalid email address: {shown}{more}", code=2)
     conn = await db.connect(settings.require_database_url())
     try:
         if await conn.fetchval("SELECT id FROM orgs WHERE id = $1", args.org) is None:
@@ -154,5 +201,7 @@ async def cmd_suppress(args: Namespace, settings: Settings, console: Console) ->
         )
     finally:
         await conn.close()
-    console.print(f"suppressed {len(emails)} address(es) for org {args.org} ({args.reason})")
+    console.print(
+        literal(f"suppressed {len(emails)} address(es) for org {args.org} ({args.reason})")
+    )
     return 0

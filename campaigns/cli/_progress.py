@@ -3,15 +3,36 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable, Callable
 
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 from rich.table import Table
 from rich.text import Text
 
 from campaigns.models import CampaignState, CampaignStatus
+
+# Controls other than line break and tab: escape sequences could recolour or rewrite
+# the terminal, so they are shown as \x1b-style escapes instead of being sent to it.
+_UNPRINTABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _visible_escape(found: re.Match[str]) -> str:
+    code = ord(found.group())
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
+def literal(value: object, style: str = "") -> Text:
+    """``value`` as terminal text shown as it is, never read as markup.
+
+    Ids, names, addresses and error messages come from users, files, the database and
+    the workflow: ``[/]`` or ``[link=...]`` in them must print literally rather than
+    style the output or crash it (rich reads markup only in ``str``, never in ``Text``).
+    """
+    return Text(_UNPRINTABLE.sub(_visible_escape, str(value)), style=style)
 
 
 def _eta(seconds: float | None) -> str:
@@ -43,7 +64,8 @@ def status_line(status: CampaignStatus) -> Text:
     if status.runs > 1:
         line.append(f"  runs {status.runs}")
     if status.last_error:
-        line.append(f"\nlast error: {status.last_error}", style="red")
+        line.append("\nlast error: ", style="red")
+        line.append_text(literal(status.last_error, "red"))
     return line
 
 
@@ -65,7 +87,10 @@ async def watch(
         expand=True,
     )
     status = await fetch()
-    task = progress.add_task(status.campaign_id, total=status.total or 1, rate=0.0, eta="--:--")
+    # the description column reads markup, so the id is escaped
+    task = progress.add_task(
+        escape(status.campaign_id), total=status.total or 1, rate=0.0, eta="--:--"
+    )
     with Live(Group(progress, status_line(status)), console=console, refresh_per_second=4) as live:
         while True:
             progress.update(
@@ -86,7 +111,8 @@ async def watch(
 def summary_table(status: CampaignStatus) -> Table:
     """The final outcome of a campaign."""
     counts = status.counts
-    table = Table(title=f"campaign {status.campaign_id}: {status.state.value}", show_header=False)
+    title = literal(f"campaign {status.campaign_id}: {status.state.value}")
+    table = Table(title=title, show_header=False)
     table.add_column(style="bold")
     table.add_column(justify="right")
     for label, value in (
@@ -106,5 +132,5 @@ def summary_table(status: CampaignStatus) -> Table:
         if seconds > 0:
             table.add_row("throughput", f"{counts.sent / seconds:,.0f} emails/s")
     if status.last_error:
-        table.add_row("last error", status.last_error)
+        table.add_row("last error", literal(status.last_error))
     return table

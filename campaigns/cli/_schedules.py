@@ -5,10 +5,12 @@ from __future__ import annotations
 from argparse import Namespace
 
 from rich.console import Console
+from rich.text import Text
 from temporalio.client import ScheduleIntervalSpec
 from temporalio.service import RPCError, RPCStatusCode
 
 from campaigns.cli._campaign import CommandError
+from campaigns.cli._progress import literal
 from campaigns.schedules import (
     REFRESH_SCHEDULE_ID,
     apply_refresh_schedule,
@@ -37,7 +39,9 @@ async def _existing(settings: Settings):  # noqa: ANN202
 async def cmd_apply(args: Namespace, settings: Settings, console: Console) -> int:
     """``campaigns schedules apply``: create or update, idempotently."""
     done = await apply_refresh_schedule(await connect(settings))
-    console.print(f"schedule [bold]{REFRESH_SCHEDULE_ID}[/] {done}")
+    console.print(
+        Text.assemble("schedule ", literal(REFRESH_SCHEDULE_ID, "bold"), " ", literal(done))
+    )
     return 0
 
 
@@ -79,7 +83,8 @@ async def cmd_describe(args: Namespace, settings: Settings, console: Console) ->
     console.print(f"  every        {', '.join(every)} (jitter {schedule.spec.jitter})")
     console.print(f"  overlap      {schedule.policy.overlap.name}")
     console.print(f"  catch-up     {schedule.policy.catchup_window}")
-    console.print(f"  paused       {schedule.state.paused} {schedule.state.note or ''}")
+    # the note is whatever `schedules pause --note` was given, so it is shown literally
+    console.print(literal(f"  paused       {schedule.state.paused} {schedule.state.note or ''}"))
     console.print(f"  runs so far  {info.num_actions} (skipped {info.num_actions_skipped_overlap})")
     for action in info.recent_actions[-5:]:
         console.print(f"  ran          {action.scheduled_at.isoformat(timespec='seconds')}")
