@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -40,6 +40,7 @@ from campaigns.spec_check import (
     InvalidSpec,
     SpecProblem,
     check_against_database,
+    check_timing,
     owned_by_another_workflow,
 )
 from campaigns.store.templates import store_templates
@@ -101,9 +102,11 @@ class CampaignClient:
 
         Raises:
             CampaignAlreadyRunning: a workflow with this id is running.
-            InvalidSpec: the org is unknown, or another workflow owns the campaign id.
+            InvalidSpec: the org is unknown, another workflow owns the campaign id, or
+                ``send_at`` is too far ahead or already too long past.
         """
         workflow_id = workflow_id or spec.campaign_id
+        check_timing(spec, datetime.now(UTC))
         spec = await self._stored_by_reference(spec, workflow_id)
         try:
             return await self.temporal.start_workflow(

@@ -237,6 +237,11 @@ class CampaignSpec(_Model):
         description="Continue-as-new after this many batches, keeping every run's history small.",
     )
 
+    @field_validator("audience")
+    @classmethod
+    def _audience_is_printable(cls, value: str) -> str:
+        return refuse_control_characters(value)
+
     @field_validator("from_address", "reply_to")
     @classmethod
     def _sender_is_valid(cls, value: str | None) -> str | None:

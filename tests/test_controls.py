@@ -16,7 +16,9 @@ from temporalio.exceptions import CancelledError
 from campaigns.client import CampaignClient, ControlRefused
 from campaigns.models import CampaignState, CampaignStatus
 from campaigns.settings import Settings
+from campaigns.spec_check import InvalidSpec
 from tests.helpers import SimulatorControl, addresses, make_audience, make_org, make_spec
+from workflows import CampaignWorkflow
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -223,8 +225,14 @@ async def test_send_at_missed_by_more_than_max_lateness_does_not_send(
     audience, _ = await make_audience(pool, tmp_path, org, addresses("late", 10))
     two_hours_ago = datetime.now(UTC) - timedelta(hours=2)
     spec = make_spec(org, audience, send_at=two_hours_ago.isoformat(), max_lateness_seconds=600)
+    with pytest.raises(InvalidSpec, match="would expire without sending"):
+        await campaigns.start(spec)  # refused up front by our client
 
-    result = await (await campaigns.start(spec)).result()
+    # Started by other means, the workflow expires it without sending.
+    handle = await campaigns.temporal.start_workflow(
+        CampaignWorkflow.run, spec, id=spec.campaign_id, task_queue=campaigns.settings.task_queue
+    )
+    result = await handle.result()
 
     assert result.state is CampaignState.EXPIRED
     assert "max_lateness_seconds" in result.last_error

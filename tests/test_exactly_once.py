@@ -71,7 +71,8 @@ def batch_of(
 
 async def failed_emails(pool: asyncpg.Pool, campaign_id: str) -> list[str]:
     return [
-        email for email, status in sorted((await ledger(pool, campaign_id)).items())
+        email
+        for email, status in sorted((await ledger(pool, campaign_id)).items())
         if status == "failed"
     ]
 
@@ -165,9 +166,12 @@ async def test_a_retry_after_a_crash_resends_the_planned_requests_despite_a_new_
     assert stats["replays"] == 3, stats  # the untouched requests, replayed by key
     assert outcome.sent == 40 and outcome.suppressed == 0, outcome
     assert set((await ledger(pool, spec.campaign_id)).values()) == {"sent"}
-    assert await pool.fetchval(
-        "SELECT count(*) FROM provider_requests WHERE campaign_id = $1", spec.campaign_id
-    ) == 0, "the plan is cleared once the outcomes are recorded"
+    assert (
+        await pool.fetchval(
+            "SELECT count(*) FROM provider_requests WHERE campaign_id = $1", spec.campaign_id
+        )
+        == 0
+    ), "the plan is cleared once the outcomes are recorded"
 
 
 async def test_a_throttled_retry_keeps_the_plan_of_the_attempt_before_it(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from argparse import Namespace
 from dataclasses import asdict
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 from rich.console import Console
@@ -17,7 +17,13 @@ from campaigns.cli._progress import literal, status_line, summary_table, watch
 from campaigns.client import CampaignClient
 from campaigns.models import CampaignSpec, CampaignState, CampaignStatus
 from campaigns.settings import Settings
-from campaigns.spec_check import InvalidSpec, SpecProblem, check_against_database, parse_spec
+from campaigns.spec_check import (
+    InvalidSpec,
+    SpecProblem,
+    check_against_database,
+    check_timing,
+    parse_spec,
+)
 
 
 class CommandError(RuntimeError):
@@ -40,6 +46,7 @@ def _read_spec(path: Path) -> CampaignSpec:
 async def validated_spec(settings: Settings, path: Path) -> CampaignSpec:
     """Parse the spec file and check it against the database."""
     spec = _read_spec(path)
+    check_timing(spec, datetime.now(UTC))
     conn = await db.connect(settings.require_database_url())
     try:
         await check_against_database(conn, spec)

@@ -9,12 +9,13 @@ from argparse import Namespace
 
 import httpx
 from rich.console import Console
+from rich.text import Text
 
 from campaigns import db
 from campaigns.audience_import import import_audience
 from campaigns.cli._campaign import CommandError
 from campaigns.cli._data import print_import_report
-from campaigns.cli._progress import summary_table, watch
+from campaigns.cli._progress import literal, summary_table, watch
 from campaigns.client import CampaignClient
 from campaigns.demo import DEMO_ORG, demo_spec, demo_suppressions, write_demo_audience
 from campaigns.settings import Settings, data_dir
@@ -101,7 +102,7 @@ async def cmd_demo(args: Namespace, settings: Settings, console: Console) -> int
         await conn.execute(
             "INSERT INTO orgs (id, name) VALUES ($1, 'Demo Org') ON CONFLICT DO NOTHING", DEMO_ORG
         )
-        console.print(f"importing {csv_path} ...")
+        console.print(literal(f"importing {csv_path} ..."))
         report = await import_audience(conn, DEMO_ORG, spec.audience, csv_path)
         print_import_report(report, console)
         await conn.executemany(
@@ -117,8 +118,14 @@ async def cmd_demo(args: Namespace, settings: Settings, console: Console) -> int
         (await simulator.post("/_sim/reset")).raise_for_status()
         client = await CampaignClient.connect(settings)
         handle = await client.start(spec)
-        console.print(f"campaign [bold]{spec.campaign_id}[/] started (spec: {spec_path})")
-        console.print(f"Web UI: {settings.workflow_url(handle.id)}")
+        console.print(
+            Text.assemble(
+                "campaign ",
+                literal(spec.campaign_id, "bold"),
+                literal(f" started (spec: {spec_path})"),
+            )
+        )
+        console.print(literal(f"Web UI: {settings.workflow_url(handle.id)}"))
         final = await watch(lambda: client.status(handle.id), console)
         console.print(summary_table(final))
         answer = await simulator.get("/_sim/stats")
@@ -134,6 +141,6 @@ async def cmd_demo(args: Namespace, settings: Settings, console: Console) -> int
         f"{stats['duplicated_recipients']:,} delivered more than once "
         + ("[green](exactly once)[/]" if exactly_once else "[red](NOT exactly once)[/]")
     )
-    console.print(f"Web UI: {settings.workflow_url(handle.id)}")
+    console.print(literal(f"Web UI: {settings.workflow_url(handle.id)}"))
     console.print("the stack keeps running; stop it with `campaigns stack down` (or `make down`)")
     return 0 if exactly_once and final.counts.sent > 0 else 1
