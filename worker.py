@@ -24,7 +24,12 @@ import structlog
 from temporalio.client import Client
 from temporalio.worker import Worker
 
-from activities import MaintenanceActivities, PlanningActivities, SendingActivities
+from activities import (
+    BoundedFailures,
+    MaintenanceActivities,
+    PlanningActivities,
+    SendingActivities,
+)
 from campaigns import db
 from campaigns.logs import configure_logging
 from campaigns.provider import ProviderClient
@@ -81,6 +86,7 @@ def build_workers(
                     seconds=settings.worker_graceful_shutdown_seconds
                 ),
                 workflow_task_executor=ThreadPoolExecutor(max_workers=4),
+                interceptors=[BoundedFailures()],
             )
         )
     if "maintenance" in roles:
@@ -92,6 +98,7 @@ def build_workers(
                 workflows=[RefreshFirstPartyOrgsWorkflow],
                 activities=[maintenance.refresh_first_party_orgs],
                 max_concurrent_activities=4,
+                interceptors=[BoundedFailures()],
                 graceful_shutdown_timeout=timedelta(
                     seconds=settings.worker_graceful_shutdown_seconds
                 ),
