@@ -52,8 +52,9 @@ async def campaigns(env: dict[str, str], *args: str) -> Result:
     return await run(sys.executable, "-m", "campaigns.cli", *args, env=env)
 
 
-async def temporal_start(settings: Settings, workflow_id: str, spec_json: str) -> Result:
-    """`temporal workflow start` of a campaign, as a user of the official CLI types it."""
+async def temporal_start(settings: Settings, workflow_id: str, *inputs: str) -> Result:
+    """`temporal workflow start` of a campaign, as a user of the official CLI types it,
+    with one ``--input`` per value in ``inputs`` (a spec's JSON, usually)."""
     return await run(
         temporal_cli(),
         "workflow",
@@ -66,8 +67,7 @@ async def temporal_start(settings: Settings, workflow_id: str, spec_json: str) -
         settings.task_queue,
         "--workflow-id",
         workflow_id,
-        "--input",
-        spec_json,
+        *(item for value in inputs for item in ("--input", value)),
     )
 
 

@@ -26,7 +26,6 @@ from temporalio.exceptions import ApplicationError
 from activities.planning import PlanningActivities
 from activities.sending import SendingActivities
 from campaigns.audience_import import import_audience
-from campaigns.binaries import temporal_cli
 from campaigns.client import CampaignClient, CampaignNotFound, ControlRefused
 from campaigns.models import (
     AbandonFailedInput,
@@ -48,7 +47,7 @@ from tests.helpers import (
     make_spec,
     unique,
 )
-from tests.test_cli import campaigns, cli_env, run
+from tests.test_cli import campaigns, cli_env, temporal_start
 from workflows import CampaignWorkflow
 
 pytestmark = pytest.mark.usefixtures("worker")
@@ -59,23 +58,9 @@ def client_api(client: Client, settings: Settings) -> CampaignClient:
     return CampaignClient(client, settings)
 
 
-async def temporal_workflow_start(settings: Settings, workflow_id: str, *inputs: str):
+async def temporal_workflow_start(settings: Settings, workflow_id: str, *inputs: str) -> None:
     """``temporal workflow start`` of a CampaignWorkflow with these ``--input`` values."""
-    args = [item for value in inputs for item in ("--input", value)]
-    result = await run(
-        temporal_cli(),
-        "workflow",
-        "start",
-        "--address",
-        settings.temporal_address,
-        "--type",
-        "CampaignWorkflow",
-        "--task-queue",
-        settings.task_queue,
-        "--workflow-id",
-        workflow_id,
-        *args,
-    )
+    result = await temporal_start(settings, workflow_id, *inputs)
     assert result.returncode == 0, result.stderr
 
 
