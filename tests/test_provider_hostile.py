@@ -295,7 +295,11 @@ async def worker_for(
     mode: str,
     timeout_seconds: float = 5.0,
 ) -> AsyncIterator[str]:
-    """A campaign worker on a task queue of its own, sending to ``mode``; yields the queue."""
+    """A campaign worker on a task queue of its own, sending to ``mode``; yields the queue.
+
+    The session's ``worker`` fixture serves the maintenance queue (first-party
+    refresh); a process may run only one worker per queue, so this one runs campaigns.
+    """
     from worker import build_workers, running
 
     queue = unique("hostile")
@@ -307,7 +311,8 @@ async def worker_for(
         }
     )
     async with provider_for(hostile, mode, timeout_seconds) as provider:
-        async with running(build_workers(client, queue_settings, pool, provider)):
+        workers = build_workers(client, queue_settings, pool, provider, queues=("campaigns",))
+        async with running(workers):
             yield queue
 
 
@@ -338,6 +343,7 @@ async def history_json(handle: WorkflowHandle) -> str:
     return (await handle.fetch_history()).to_json()
 
 
+@pytest.mark.usefixtures("worker")
 async def test_a_provider_that_omits_ids_fails_recipients_through_retry_rounds(
     client: Client, settings: Settings, pool: asyncpg.Pool, hostile: HostileProvider, tmp_path
 ) -> None:
@@ -358,6 +364,7 @@ async def test_a_provider_that_omits_ids_fails_recipients_through_retry_rounds(
     assert hostile.requests["missing-id"] - before == 6
 
 
+@pytest.mark.usefixtures("worker")
 async def test_an_echoing_provider_puts_nothing_of_its_answer_into_history(
     client: Client, settings: Settings, pool: asyncpg.Pool, hostile: HostileProvider, tmp_path
 ) -> None:
@@ -380,6 +387,7 @@ async def test_an_echoing_provider_puts_nothing_of_its_answer_into_history(
         assert len(error) <= MAX_ERROR_CHARS
 
 
+@pytest.mark.usefixtures("worker")
 async def test_an_echoing_401_fails_the_campaign_in_our_words_only(
     client: Client, settings: Settings, pool: asyncpg.Pool, hostile: HostileProvider, tmp_path
 ) -> None:
@@ -397,6 +405,7 @@ async def test_an_echoing_401_fails_the_campaign_in_our_words_only(
     assert len(history) < LONG_MESSAGE_CHARS // 2
 
 
+@pytest.mark.usefixtures("worker")
 async def test_cancel_ends_a_campaign_whose_provider_trickles(
     client: Client, settings: Settings, pool: asyncpg.Pool, hostile: HostileProvider, tmp_path
 ) -> None:
