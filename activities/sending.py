@@ -238,7 +238,9 @@ class _Outcomes:
         self.errors.append(error)
         self.request_last_ids.append(request_last_id)
         if error:
-            self.last_code = code or error
+            # The ledger's text never stands in for the short form: it may quote the
+            # provider's answer.
+            self.last_code = code or "error"
 
 
 class SendingActivities:
@@ -379,7 +381,12 @@ class SendingActivities:
             elif row["suppressed"]:
                 outcomes.add(row["id"], DeliveryStatus.SUPPRESSED)
             elif not is_valid_address(row["email"]):
-                outcomes.add(row["id"], DeliveryStatus.REJECTED, error="invalid email address")
+                outcomes.add(
+                    row["id"],
+                    DeliveryStatus.REJECTED,
+                    error="invalid email address",
+                    code="invalid email address",
+                )
             else:
                 fresh.append(row)
         new = [
