@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install run up down test lint bench clean
+.PHONY: install run up down test test-fast lint bench clean
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,10 @@ down:
 
 test: install
 	$(BIN)/pytest
+
+# The inner loop: everything but the few long end-to-end tests marked `slow`.
+test-fast: install
+	$(BIN)/pytest -m "not slow"
 
 lint: install
 	$(BIN)/ruff check .

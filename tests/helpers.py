@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
+import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import httpx
@@ -43,6 +46,33 @@ class SimulatorControl:
 
     async def messages(self, to: str) -> list[dict[str, Any]]:
         return (await self._call("GET", "/_sim/messages", params={"to": to})).json()
+
+
+T = TypeVar("T")
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[T]],
+    until: Callable[[T], object] = bool,
+    *,
+    within: float = 30.0,
+    every: float = 0.05,
+    what: str = "the condition",
+) -> T:
+    """Poll ``probe`` until ``until(value)`` holds; return that value.
+
+    The one way tests wait for state that lives in other processes (Temporal, the
+    database, the simulator): bounded by ``within`` seconds, failing with the last
+    value seen rather than hanging.
+    """
+    deadline = time.monotonic() + within
+    while True:
+        value = await probe()
+        if until(value):
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what} did not hold within {within:g}s (last: {value!r})")
+        await asyncio.sleep(every)
 
 
 def unique(prefix: str) -> str:

@@ -3,7 +3,6 @@ send_at lateness, and refusals; continue-as-new with a small batch budget."""
 
 from __future__ import annotations
 
-import asyncio
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -17,7 +16,14 @@ from campaigns.client import CampaignClient, ControlRefused
 from campaigns.models import CampaignState, CampaignStatus
 from campaigns.settings import Settings
 from campaigns.spec_check import InvalidSpec
-from tests.helpers import SimulatorControl, addresses, make_audience, make_org, make_spec
+from tests.helpers import (
+    SimulatorControl,
+    addresses,
+    eventually,
+    make_audience,
+    make_org,
+    make_spec,
+)
 from workflows import CampaignWorkflow
 
 pytestmark = pytest.mark.usefixtures("worker")
@@ -32,12 +38,9 @@ async def until(handle: WorkflowHandle, check, within: float = 60) -> CampaignSt
     """Poll the status query until ``check(status)`` holds."""
     from workflows import CampaignWorkflow
 
-    async with asyncio.timeout(within):
-        while True:
-            status = await handle.query(CampaignWorkflow.status)
-            if check(status):
-                return status
-            await asyncio.sleep(0.05)
+    return await eventually(
+        lambda: handle.query(CampaignWorkflow.status), check, within=within, what="status"
+    )
 
 
 async def scheduled_batches(handle: WorkflowHandle) -> list[tuple[int, datetime]]:
@@ -153,15 +156,14 @@ async def test_temporal_cancel_while_preparing_ends_cancelled_not_failed(
     async with pool.acquire() as blocker, blocker.transaction():
         await blocker.execute("LOCK TABLE campaigns IN EXCLUSIVE MODE")
         handle = await campaigns.start(spec)
-        for _ in range(600):  # until prepare_campaign waits for the lock
-            if await blocker.fetchval(
+        await eventually(  # until prepare_campaign waits for the lock
+            lambda: blocker.fetchval(
                 """SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
                    WHERE c.relname = 'campaigns' AND NOT l.granted"""
-            ):
-                break
-            await asyncio.sleep(0.05)
-        else:
-            pytest.fail("prepare_campaign never reached the campaigns table")
+            ),
+            within=30,
+            what="prepare_campaign waiting on the campaigns table",
+        )
         await handle.cancel()
         with pytest.raises(WorkflowFailureError) as failure:
             await handle.result()

@@ -23,7 +23,15 @@ from campaigns.client import CampaignClient
 from campaigns.models import CampaignState
 from campaigns.settings import Settings
 from tests.conftest import TEST_API_KEY
-from tests.helpers import SimulatorControl, addresses, make_audience, make_org, make_spec, unique
+from tests.helpers import (
+    SimulatorControl,
+    addresses,
+    eventually,
+    make_audience,
+    make_org,
+    make_spec,
+    unique,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -87,11 +95,10 @@ async def ledger_sent(pool: asyncpg.Pool, campaign_id: str) -> int:
 
 
 async def poll(condition, within: float = 90) -> None:
-    async with asyncio.timeout(within):
-        while not await condition():  # noqa: ASYNC110 - the state polled is in other processes
-            await asyncio.sleep(0.02)
+    await eventually(condition, within=within, every=0.02)
 
 
+@pytest.mark.slow
 async def test_worker_killed_repeatedly_mid_campaign_delivers_exactly_once(
     client: Client,
     settings: Settings,
@@ -174,6 +181,7 @@ async def test_sigterm_lets_in_flight_batches_finish(
     assert set((await sim.deliveries()).values()) == {1}
 
 
+@pytest.mark.slow
 async def test_provider_faults_latency_and_throttling_still_deliver_exactly_once(
     client: Client,
     settings: Settings,

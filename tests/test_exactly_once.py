@@ -31,7 +31,14 @@ from campaigns.provider import ProviderClient
 from campaigns.sender_identity import SendingDomains
 from campaigns.settings import Settings
 from tests.conftest import TEST_API_KEY
-from tests.helpers import SimulatorControl, addresses, make_audience, make_org, make_spec
+from tests.helpers import (
+    SimulatorControl,
+    addresses,
+    eventually,
+    make_audience,
+    make_org,
+    make_spec,
+)
 
 
 @pytest.fixture
@@ -121,11 +128,13 @@ async def accepted_then_killed(
     async with pool.acquire() as blocker, blocker.transaction():
         await blocker.execute("LOCK TABLE deliveries IN EXCLUSIVE MODE")
         attempt = asyncio.create_task(sending._send_batch(batch))
-        for _ in range(500):
-            if (await sim.stats())["accepted_emails"] == count:
-                break
-            await asyncio.sleep(0.02)
-        assert (await sim.stats())["accepted_emails"] == count
+        await eventually(
+            sim.stats,
+            lambda stats: stats["accepted_emails"] == count,
+            within=10,
+            every=0.02,
+            what="every request accepted",
+        )
         attempt.cancel()
         with pytest.raises(asyncio.CancelledError):
             await attempt

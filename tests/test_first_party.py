@@ -42,7 +42,7 @@ from campaigns.schedules import (
 )
 from campaigns.settings import Settings
 from tests.conftest import TEST_API_KEY, migrated_database
-from tests.helpers import SimulatorControl, addresses, make_audience, make_spec, unique
+from tests.helpers import SimulatorControl, addresses, eventually, make_audience, make_spec, unique
 from worker import build_workers, running
 from workflows import RefreshFirstPartyOrgsWorkflow
 
@@ -60,14 +60,26 @@ async def own_db(pg_admin_url: str) -> AsyncIterator[asyncpg.Pool]:
             await pool.close()
 
 
+async def workflows_matching(client: Client, query: str) -> list:
+    """The executions a visibility query lists now."""
+    return [run async for run in client.list_workflows(query)]
+
+
+async def pending_activities(handle) -> list:
+    """The workflow's pending activities, as the server describes them."""
+    return list((await handle.describe()).raw_description.pending_activities)
+
+
 async def wait_until_blocked_on_a_lock(pool: asyncpg.Pool, pid: int) -> None:
     """Poll until backend ``pid`` waits on a lock (its statement is mid-way)."""
     query = "SELECT wait_event_type FROM pg_stat_activity WHERE pid = $1"
-    async with asyncio.timeout(10):
-        while True:
-            if await pool.fetchval(query, pid) == "Lock":
-                return
-            await asyncio.sleep(0.01)
+    await eventually(
+        lambda: pool.fetchval(query, pid),
+        lambda wait: wait == "Lock",
+        within=10,
+        every=0.01,
+        what=f"backend {pid} waiting on a lock",
+    )
 
 
 async def add_org(
@@ -245,12 +257,13 @@ async def test_a_database_outage_is_retried_with_a_clear_error_and_the_snapshot_
             RefreshFirstPartyOrgsWorkflow.run, id=unique("refresh-db-down"), task_queue=queue
         )
         try:
-            async with asyncio.timeout(30):
-                while True:
-                    pending = (await handle.describe()).raw_description.pending_activities
-                    if pending and pending[0].attempt >= 2:
-                        break
-                    await asyncio.sleep(0.1)
+            pending = await eventually(
+                lambda: pending_activities(handle),
+                lambda pending: pending and pending[0].attempt >= 2,
+                within=30,
+                every=0.1,
+                what="a second attempt",
+            )
         finally:
             await handle.terminate()
     await down.close()
@@ -400,12 +413,13 @@ async def test_schedule_runs_the_refresh_once_per_hour_of_schedule_time(
         f"AND TemporalScheduledStartTime >= '{start.isoformat()}' "
         f"AND TemporalScheduledStartTime < '{end.isoformat()}'"
     )
-    async with asyncio.timeout(60):
-        while True:
-            runs = [run async for run in client.list_workflows(query)]
-            if len(runs) >= 3 and all(run.close_time for run in runs):
-                break
-            await asyncio.sleep(0.1)
+    runs = await eventually(
+        lambda: workflows_matching(client, query),
+        lambda runs: len(runs) >= 3 and all(run.close_time for run in runs),
+        within=60,
+        every=0.1,
+        what="three closed runs",
+    )
     assert len(runs) == 3  # one per hour of schedule time
     scheduled_start = SearchAttributeKey.for_datetime("TemporalScheduledStartTime")
     scheduled = sorted(run.typed_search_attributes.get(scheduled_start) for run in runs)
@@ -514,12 +528,9 @@ async def test_a_refused_bootstrap_sends_from_the_shared_domain_and_starts_one_r
         froms = {message["from"] for message in await sim.messages("")}
         assert froms == {f"News <news@{settings.shared_sending_domain}>"}
         query = f"WorkflowId = '{BOOTSTRAP_WORKFLOW_ID}' AND StartTime >= '{since.isoformat()}'"
-        async with asyncio.timeout(10):
-            while True:
-                runs = [run async for run in client.list_workflows(query)]
-                if runs:
-                    break
-                await asyncio.sleep(0.1)
+        runs = await eventually(
+            lambda: workflows_matching(client, query), within=10, every=0.1, what="a bootstrap"
+        )
         assert len(runs) == 1  # not one per batch attempt
         warnings = [e for e in logs if e["event"].startswith("no first-party snapshot:")]
         assert len(warnings) == 1 and "unknown states" in warnings[0]["error"]
