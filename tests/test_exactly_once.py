@@ -16,17 +16,18 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 
 import asyncpg
 import pytest
 from pydantic import SecretStr
 from temporalio.exceptions import ApplicationError
+from temporalio.testing import ActivityEnvironment
 
 from activities.planning import PlanningActivities
 from activities.sending import SendingActivities
-from campaigns.models import BatchRange, PlanBatchesInput, SendBatchInput
+from campaigns.models import BatchOutcome, BatchRange, PlanBatchesInput, SendBatchInput
 from campaigns.provider import ProviderClient
 from campaigns.sender_identity import SendingDomains
 from campaigns.settings import Settings
@@ -47,6 +48,11 @@ async def sending(pool: asyncpg.Pool, settings: Settings) -> AsyncIterator[Sendi
     domains = SendingDomains(settings.shared_sending_domain, settings.shared_tracking_host)
     yield SendingActivities(pool, provider, domains)
     await provider.aclose()
+
+
+def run_batch(sending: SendingActivities, batch: SendBatchInput) -> Awaitable[BatchOutcome]:
+    """One attempt of the batch activity, run as Temporal runs it (in an activity context)."""
+    return ActivityEnvironment().run(sending.send_batch, batch)
 
 
 async def prepare(pool: asyncpg.Pool, tmp_path: Path, tag: str, count: int):
@@ -127,7 +133,7 @@ async def accepted_then_killed(
     back by a lock), whose heartbeats never reached the server."""
     async with pool.acquire() as blocker, blocker.transaction():
         await blocker.execute("LOCK TABLE deliveries IN EXCLUSIVE MODE")
-        attempt = asyncio.create_task(sending._send_batch(batch))
+        attempt = asyncio.create_task(run_batch(sending, batch))
         await eventually(
             sim.stats,
             lambda stats: stats["accepted_emails"] == count,
@@ -167,7 +173,7 @@ async def test_a_retry_after_a_crash_resends_the_planned_requests_despite_a_new_
     bounced = addresses(tag, 40)[10]
     await suppress(pool, spec.org, bounced)
 
-    outcome = await sending._send_batch(batch)
+    outcome = await run_batch(sending, batch)
 
     stats = await sim.stats()
     assert stats["accepted_emails"] == 40, stats
@@ -190,10 +196,10 @@ async def test_a_throttled_retry_keeps_the_plan_of_the_attempt_before_it(
 
     await sim.configure(rate_limit_per_second=0.001)  # the next attempt hears only 429s
     with pytest.raises(ApplicationError, match="rate limit"):
-        await sending._send_batch(batch)
+        await run_batch(sending, batch)
     await sim.configure(rate_limit_per_second=None)
     await suppress(pool, spec.org, addresses(tag, 25)[15])
-    outcome = await sending._send_batch(batch)
+    outcome = await run_batch(sending, batch)
 
     stats = await sim.stats()
     assert stats["duplicated_recipients"] == 0, stats
@@ -207,7 +213,7 @@ async def test_a_request_accepted_behind_a_500_is_not_resent_when_its_body_chang
     tag = f"chg{uuid.uuid4().hex[:6]}"
     spec, plan, whole = await prepare(pool, tmp_path, tag, 20)
     await sim.script({"status": 500, "phase": "after"})  # one request: delivered, 500
-    first = await sending._send_batch(batch_of(spec, plan, whole))
+    first = await run_batch(sending, batch_of(spec, plan, whole))
     assert (first.sent, first.failed) == (10, 10), first
 
     # Before the retry round: a member of the failed request is suppressed, another
@@ -219,7 +225,7 @@ async def test_a_request_accepted_behind_a_500_is_not_resent_when_its_body_chang
         plan.audience_id,
         failed[5],
     )
-    retry = await sending._send_batch(await retry_round(pool, spec, plan))
+    retry = await run_batch(sending, await retry_round(pool, spec, plan))
 
     stats = await sim.stats()
     assert stats["duplicated_recipients"] == 0, stats
@@ -234,12 +240,12 @@ async def test_a_request_never_accepted_leaves_out_a_recipient_suppressed_since(
     tag = f"new{uuid.uuid4().hex[:6]}"
     spec, plan, whole = await prepare(pool, tmp_path, tag, 20)
     await sim.script({"status": 500, "phase": "before"})  # one request refused
-    first = await sending._send_batch(batch_of(spec, plan, whole))
+    first = await run_batch(sending, batch_of(spec, plan, whole))
     assert (first.sent, first.failed) == (10, 10), first
 
     bounced = (await failed_emails(pool, spec.campaign_id))[2]
     await suppress(pool, spec.org, bounced)
-    retry = await sending._send_batch(await retry_round(pool, spec, plan))
+    retry = await run_batch(sending, await retry_round(pool, spec, plan))
 
     deliveries = await sim.deliveries()
     assert bounced not in deliveries
@@ -254,14 +260,14 @@ async def test_running_a_campaign_again_resends_each_earlier_failed_request_whol
     tag = f"again{uuid.uuid4().hex[:6]}"
     spec, plan, whole = await prepare(pool, tmp_path, tag, 30)
     await sim.script({"status": 500, "phase": "before"})  # one request of ten refused
-    first = await sending._send_batch(batch_of(spec, plan, whole))
+    first = await run_batch(sending, batch_of(spec, plan, whole))
     assert (first.sent, first.failed) == (20, 10), first
 
     # The campaign runs again (a new execution) in ranges of 4: smaller than the
     # failed request, which must still go out whole, under its key.
     ranges = await plan_ranges(pool, spec, plan, "audience", 4)
     again = [
-        await sending._send_batch(batch_of(spec, plan, batch_range, execution_id="exec-2"))
+        await run_batch(sending, batch_of(spec, plan, batch_range, execution_id="exec-2"))
         for batch_range in ranges
     ]
 

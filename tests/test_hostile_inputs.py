@@ -48,6 +48,7 @@ from tests.helpers import (
     unique,
 )
 from tests.test_cli import campaigns, cli_env, temporal_start
+from tests.test_exactly_once import run_batch
 from workflows import CampaignWorkflow
 
 pytestmark = pytest.mark.usefixtures("worker")
@@ -153,7 +154,7 @@ async def test_activities_refuse_rows_outside_the_campaigns_org_in_sql(
                 batch_size=10,
             )
             with pytest.raises(ApplicationError) as refused:
-                await sending._send_batch(batch)
+                await run_batch(sending, batch)
             assert refused.value.type == "InvalidCampaignSpec" and refused.value.non_retryable
     finally:
         await provider.aclose()
