@@ -122,3 +122,70 @@ def test_activities_register_under_the_names_the_workflows_schedule() -> None:
             "refresh_first_party_orgs",
         }
     )
+
+
+# Which product modules each room may import (prefixes; a room may always import
+# itself). ARCHITECTURE.md draws the same picture.
+_PURE = ("campaigns.models", "campaigns.addresses", "campaigns.safe_text", "campaigns.templates")
+_ALLOWED: dict[str, tuple[str, ...]] = {
+    "workflows": ("campaigns.models", "campaigns.contract", "campaigns.search_attributes"),
+    "campaigns.store": _PURE,
+    "campaigns.provider": ("campaigns.safe_text",),
+}
+_DOMAIN = (
+    "campaigns.models",
+    "campaigns.contract",
+    "campaigns.spec_check",
+    "campaigns.templates",
+    "campaigns.addresses",
+    "campaigns.safe_text",
+    "campaigns.sender_identity",
+    "campaigns.first_party",
+    "campaigns.audience_import",
+    "campaigns.search_attributes",
+)
+_ABOVE_DOMAIN = ("activities", "workflows", "worker", "campaigns.cli", "campaigns.client",
+                 "campaigns.stack", "campaigns.demo", "campaigns.schedules", "campaigns.settings",
+                 "campaigns.temporal")  # fmt: skip
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _product_imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    roots = ("campaigns", "activities", "workflows", "worker")
+    return {name for name in names if name.split(".")[0] in roots}
+
+
+def _within(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == prefix or name.startswith(prefix + ".") for prefix in prefixes)
+
+
+def test_each_room_imports_only_what_it_may() -> None:
+    files = [*_product_files(), *sorted(STORE.rglob("*.py"))]
+    wrong = []
+    for path in files:
+        module = _module_name(path)
+        imports = _product_imports(path)
+        for room, allowed in _ALLOWED.items():
+            if _within(module, (room,)):
+                # ``from campaigns import x`` names the package itself: judge ``x``.
+                bad = {
+                    name
+                    for name in imports
+                    if name != "campaigns" and not _within(name, (room, *allowed))
+                }
+                wrong += [f"{module} imports {name}" for name in sorted(bad)]
+        if _within(module, _DOMAIN):
+            bad = {name for name in imports if _within(name, _ABOVE_DOMAIN)}
+            wrong += [f"{module} (domain) imports {name}" for name in sorted(bad)]
+    assert wrong == []
