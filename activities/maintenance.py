@@ -6,10 +6,15 @@ import asyncpg
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from campaigns.first_party import RefreshRefused, RefreshResult, refresh_first_party_orgs
+from campaigns.contract import (
+    DATABASE_UNAVAILABLE_ERROR,
+    REFRESH_FIRST_PARTY_ORGS,
+    REFRESH_REFUSED_ERROR,
+)
+from campaigns.first_party import RefreshRefused, refresh_first_party_orgs
+from campaigns.models import RefreshResult
 
-REFRESH_REFUSED_ERROR = "FirstPartyRefreshRefused"
-DATABASE_UNAVAILABLE_ERROR = "FirstPartyRefreshDatabaseUnavailable"
+__all__ = ["DATABASE_UNAVAILABLE_ERROR", "REFRESH_REFUSED_ERROR", "MaintenanceActivities"]
 
 # What a database that is down, restarting or unreachable raises through asyncpg.
 _UNAVAILABLE = (
@@ -29,7 +34,7 @@ class MaintenanceActivities:
         """Use ``pool`` for every query."""
         self._pool = pool
 
-    @activity.defn
+    @activity.defn(name=REFRESH_FIRST_PARTY_ORGS)
     async def refresh_first_party_orgs(self) -> RefreshResult:
         """Recompute the first-party org set in one statement and publish it atomically.
 

@@ -13,6 +13,12 @@ from temporalio import activity
 from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
 
+from campaigns.contract import (
+    ABANDON_FAILED,
+    INVALID_SPEC_ERROR,
+    PLAN_BATCHES,
+    PREPARE_CAMPAIGN,
+)
 from campaigns.models import (
     AbandonFailedInput,
     BatchRange,
@@ -30,35 +36,15 @@ from campaigns.spec_check import (
     problems_from_validation_error,
     resolve_templates,
 )
+from campaigns.store import campaigns as campaign_rows
+from campaigns.store import ledger
+from campaigns.store._pool import Conn
 from campaigns.store.templates import store_templates
 
 log = structlog.get_logger(__name__)
 
-INVALID_SPEC_ERROR = "InvalidCampaignSpec"
 MAX_PAGE_ROWS = 100_000
 """Most recipient ids one page reads, whatever the window and batch size ask for."""
-
-# Only the campaign's own audience, and only when the campaign belongs to the org the
-# workflow names ($5): no input can page another org's recipients. The request of a
-# recipient an earlier execution left failed or abandoned, which a range must not
-# split, is an index-only probe of deliveries_to_retry.
-_PAGE_AUDIENCE = """
-SELECT r.id, d.request_last_id FROM campaigns c
-JOIN recipients r ON r.audience_id = c.audience_id
-LEFT JOIN deliveries d ON d.campaign_id = c.id AND d.recipient_id = r.id
-                      AND d.status IN ('failed', 'abandoned')
-WHERE c.id = $4 AND c.audience_id = $1 AND ($5::text IS NULL OR c.org_id = $5)
-  AND r.id > $2
-ORDER BY r.id LIMIT $3
-"""
-_PAGE_LEDGER = """
-SELECT d.recipient_id AS id, d.request_last_id FROM deliveries d
-WHERE d.campaign_id = $1 AND d.status IN ('failed', 'abandoned') AND d.recipient_id > $2
-  AND EXISTS (SELECT 1 FROM campaigns c
-              WHERE c.id = $1 AND ($4::text IS NULL OR c.org_id = $4))
-ORDER BY d.recipient_id LIMIT $3
-"""
-_CAMPAIGN_SCOPE = "SELECT org_id, audience_id FROM campaigns WHERE id = $1"
 
 
 def scope_problem(
@@ -83,7 +69,7 @@ def scope_problem(
 
 
 async def check_scope(
-    conn: asyncpg.Connection | asyncpg.Pool,
+    conn: Conn,
     campaign_id: str,
     org: str | None,
     audience_id: int | None = None,
@@ -93,8 +79,8 @@ async def check_scope(
     Raises:
         ApplicationError: non-retryable ``InvalidCampaignSpec``.
     """
-    row = await conn.fetchrow(_CAMPAIGN_SCOPE, campaign_id)
-    stored = (row["org_id"], row["audience_id"]) if row else None
+    scope = await campaign_rows.scope(conn, campaign_id)
+    stored = (scope.org_id, scope.audience_id) if scope else None
     problem = scope_problem(campaign_id, stored, org, audience_id)
     if problem:
         raise ApplicationError(problem, type=INVALID_SPEC_ERROR, non_retryable=True)
@@ -132,7 +118,7 @@ class PlanningActivities:
         self._pool = pool
         self._client = client
 
-    @activity.defn
+    @activity.defn(name=PREPARE_CAMPAIGN)
     async def prepare_campaign(self, request: CampaignSpec | SpecInWorkflowInput) -> CampaignPlan:
         """Check the spec against the database and store it for the batch activities.
 
@@ -152,31 +138,21 @@ class PlanningActivities:
                 full = spec.with_templates(templates)
                 plan = await check_against_database(conn, full, workflow_id=workflow_id)
                 await store_templates(conn, spec.org, templates)
-                owner = await conn.fetchval(
-                    """INSERT INTO campaigns (id, org_id, audience_id, spec, workflow_id)
-                       VALUES ($1, $2, $3, $4, $5)
-                       ON CONFLICT (id) DO UPDATE
-                       SET spec = EXCLUDED.spec, updated_at = now(),
-                           workflow_id = coalesce(EXCLUDED.workflow_id, campaigns.workflow_id)
-                       WHERE campaigns.workflow_id IS NULL OR EXCLUDED.workflow_id IS NULL
-                          OR campaigns.workflow_id = EXCLUDED.workflow_id
-                       RETURNING id""",
-                    spec.campaign_id,
-                    spec.org,
-                    plan.audience_id,
-                    full.model_dump(mode="json", exclude={"template_digest"}),
-                    workflow_id,
+                saved = await campaign_rows.save(
+                    conn,
+                    campaign_id=spec.campaign_id,
+                    org=spec.org,
+                    audience_id=plan.audience_id,
+                    spec=full.model_dump(mode="json", exclude={"template_digest"}),
+                    workflow_id=workflow_id,
                 )
-                if owner is None:  # another workflow took the id since the check
-                    taken_by = await conn.fetchval(
-                        "SELECT workflow_id FROM campaigns WHERE id = $1", spec.campaign_id
-                    )
+                if not saved:  # another workflow took the id since the check
+                    taken_by = await campaign_rows.owner(conn, spec.campaign_id)
+                    assert taken_by is not None  # only an owner refuses the write
                     raise InvalidSpec([owned_by_another_workflow(spec.campaign_id, taken_by)])
                 # Plans left by batches that never recorded (a terminated workflow) are
                 # of no use once the provider has forgotten their keys.
-                await conn.execute(
-                    "DELETE FROM provider_requests WHERE planned_at < now() - interval '24 hours'"
-                )
+                await ledger.purge_stale_plans(conn)
         except InvalidSpec as exc:
             raise ApplicationError(str(exc), type=INVALID_SPEC_ERROR, non_retryable=True) from None
         log.info("campaign prepared", campaign_id=spec.campaign_id, total=plan.total_recipients)
@@ -201,7 +177,7 @@ class PlanningActivities:
         except ValidationError as error:
             raise InvalidSpec(problems_from_validation_error(error)) from None
 
-    @activity.defn
+    @activity.defn(name=PLAN_BATCHES)
     async def plan_batches(self, request: PlanBatchesInput) -> list[BatchRange]:
         """Return up to ``max_batches`` keyset ranges after ``after_id``.
 
@@ -212,27 +188,23 @@ class PlanningActivities:
         await check_scope(self._pool, request.campaign_id, request.org, request.audience_id)
         batches = max(1, min(request.max_batches, MAX_PAGE_ROWS // request.batch_size))
         limit = request.batch_size * batches
-        if request.source == "audience":
-            rows = await self._pool.fetch(
-                _PAGE_AUDIENCE,
-                request.audience_id,
-                request.after_id,
-                limit,
-                request.campaign_id,
-                request.org,
-            )
-        else:
-            rows = await self._pool.fetch(
-                _PAGE_LEDGER, request.campaign_id, request.after_id, limit, request.org
-            )
+        rows = await ledger.page(
+            self._pool,
+            source=request.source,
+            campaign_id=request.campaign_id,
+            org=request.org,
+            audience_id=request.audience_id,
+            after_id=request.after_id,
+            limit=limit,
+        )
         return cut_into_batches(
-            [(row["id"], row["request_last_id"]) for row in rows],
+            [(row.id, row.request_last_id) for row in rows],
             request.after_id,
             request.batch_size,
             last_page=len(rows) < limit,
         )
 
-    @activity.defn
+    @activity.defn(name=ABANDON_FAILED)
     async def abandon_failed(self, request: AbandonFailedInput | str) -> int:
         """Mark the recipients still failing after the last retry round as abandoned.
 
@@ -240,14 +212,6 @@ class PlanningActivities:
         """
         if isinstance(request, str):
             request = AbandonFailedInput.model_construct(campaign_id=request, org=None)
-        result = await self._pool.execute(
-            """UPDATE deliveries d SET status = 'abandoned', last_attempt_at = now()
-               FROM campaigns c
-               WHERE c.id = d.campaign_id AND d.campaign_id = $1 AND d.status = 'failed'
-                 AND ($2::text IS NULL OR c.org_id = $2)""",
-            request.campaign_id,
-            request.org,
-        )
-        abandoned = int(result.split()[-1])
+        abandoned = await ledger.abandon_failed(self._pool, request.campaign_id, request.org)
         log.info("recipients abandoned", campaign_id=request.campaign_id, abandoned=abandoned)
         return abandoned

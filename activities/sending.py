@@ -22,7 +22,7 @@ import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 
 import asyncpg
@@ -31,8 +31,15 @@ from pydantic import ValidationError
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.planning import INVALID_SPEC_ERROR, scope_problem
+from activities.planning import scope_problem
 from campaigns.addresses import is_valid_address
+from campaigns.contract import (
+    INVALID_SPEC_ERROR,
+    PROVIDER_AUTH_ERROR,
+    PROVIDER_CONFIG_ERROR,
+    PROVIDER_THROTTLED,
+    SEND_BATCH,
+)
 from campaigns.first_party import FirstPartySnapshotCache
 from campaigns.models import BatchOutcome, CampaignSpec, DeliveryStatus, SendBatchInput
 from campaigns.provider import (
@@ -44,84 +51,15 @@ from campaigns.provider import (
     request_key,
 )
 from campaigns.sender_identity import SenderIdentity, SendingDomains, sender_identity, track_links
+from campaigns.store import campaigns as campaign_rows
+from campaigns.store import ledger
+from campaigns.store.ledger import PlanScope, RecipientRow
 from campaigns.templates import CompiledTemplate, compile_template
 
 log = structlog.get_logger(__name__)
 
-PROVIDER_AUTH_ERROR = "ProviderAuthError"
-PROVIDER_CONFIG_ERROR = "ProviderConfigError"
-PROVIDER_THROTTLED = "ProviderThrottled"
 REQUESTS_IN_FLIGHT_PER_BATCH = 10
 _RETRIED = (DeliveryStatus.FAILED, DeliveryStatus.ABANDONED)
-
-_COLUMNS = """
-    r.id, r.email, r.name, r.merge_fields,
-    d.status::text AS status, d.execution_id, d.round, d.request_key,
-    s.email IS NOT NULL AS suppressed
-"""
-# Both reads start from the campaign's row and require its org ($2) and audience ($3):
-# no batch input can read another org's recipients, suppressions or ledger rows.
-_READ_AUDIENCE_RANGE = f"""
-SELECT {_COLUMNS}
-FROM campaigns c
-JOIN recipients r ON r.audience_id = c.audience_id
-LEFT JOIN deliveries d ON d.campaign_id = c.id AND d.recipient_id = r.id
-LEFT JOIN suppressions s ON s.org_id = c.org_id AND s.email = r.email
-WHERE c.id = $1 AND c.org_id = $2 AND c.audience_id = $3 AND r.id > $4 AND r.id <= $5
-ORDER BY r.id
-"""
-_READ_LEDGER_RANGE = f"""
-SELECT {_COLUMNS}
-FROM campaigns c
-JOIN deliveries d ON d.campaign_id = c.id
-JOIN recipients r ON r.id = d.recipient_id AND r.audience_id = c.audience_id
-LEFT JOIN suppressions s ON s.org_id = c.org_id AND s.email = r.email
-WHERE c.id = $1 AND c.org_id = $2 AND c.audience_id = $3
-  AND d.recipient_id > $4 AND d.recipient_id <= $5
-  AND (d.status IN ('failed', 'abandoned') OR (d.execution_id = $6 AND d.round = $7))
-ORDER BY d.recipient_id
-"""
-_PLAN_COLUMNS = (
-    "campaign_id",
-    "execution_id",
-    "round",
-    "batch_last_id",
-    "request_key",
-    "recipient_ids",
-)
-_READ_PLAN = """
-SELECT request_key, recipient_ids FROM provider_requests
-WHERE campaign_id = $1 AND execution_id = $2 AND round = $3 AND batch_last_id = $4
-ORDER BY id
-"""
-# One round trip for the whole batch: outcomes in and, once every request of the batch
-# has an answer ($10), its plan out. A row already 'sent' is never overwritten.
-_RECORD = """
-WITH planned AS (
-    DELETE FROM provider_requests
-    WHERE campaign_id = $1 AND execution_id = $2 AND round = $3 AND batch_last_id = $4
-      AND $10
-)
-INSERT INTO deliveries AS d (campaign_id, recipient_id, status, execution_id, round,
-                             provider_message_id, request_key, request_last_id, last_error,
-                             sent_at)
-SELECT $1, o.recipient_id, o.status::delivery_status, $2, $3, o.message_id, o.request_key,
-       o.request_last_id, o.error, CASE WHEN o.status = 'sent' THEN now() END
-FROM unnest($5::bigint[], $6::text[], $7::text[], $8::text[], $11::bigint[], $9::text[])
-     AS o(recipient_id, status, message_id, request_key, request_last_id, error)
-ON CONFLICT (campaign_id, recipient_id) DO UPDATE SET
-    status = EXCLUDED.status,
-    execution_id = EXCLUDED.execution_id,
-    round = EXCLUDED.round,
-    attempts = d.attempts + 1,
-    provider_message_id = EXCLUDED.provider_message_id,
-    request_key = EXCLUDED.request_key,
-    request_last_id = EXCLUDED.request_last_id,
-    last_error = EXCLUDED.last_error,
-    last_attempt_at = now(),
-    sent_at = EXCLUDED.sent_at
-WHERE d.status <> 'sent'
-"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,18 +99,18 @@ class _Campaign:
             tags=tags,
         )
 
-    def render(self, row: asyncpg.Record, identity: SenderIdentity) -> dict[str, object]:
-        values = {**row["merge_fields"], "email": row["email"], "name": row["name"]}
+    def render(self, row: RecipientRow, identity: SenderIdentity) -> dict[str, object]:
+        values = {**row.merge_fields, "email": row.email, "name": row.name}
         email: dict[str, object] = {
             "from": identity.from_address,
-            "to": [row["email"]],
+            "to": [row.email],
             "subject": self.subject.render(values),
             "tags": self.tags,
         }
         if self.html:
             body = self.html.render(values)
             if self.html_has_links:
-                body = track_links(body, identity, self.campaign_id, row["id"])
+                body = track_links(body, identity, self.campaign_id, row.id)
             email["html"] = body
         if self.text:
             email["text"] = self.text.render(values)
@@ -190,8 +128,8 @@ _Accepted = dict[str, list[tuple[int, str]]]
 """Request key -> (recipient id, message id) of each email the provider accepted."""
 
 
-def _plan_scope(batch: SendBatchInput) -> tuple[str, str, int, int]:
-    return batch.campaign_id, batch.execution_id, batch.round, batch.range.last_id
+def _plan_scope(batch: SendBatchInput) -> PlanScope:
+    return PlanScope(batch.campaign_id, batch.execution_id, batch.round, batch.range.last_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,24 +137,18 @@ class _Request:
     """One provider request: its idempotency key and the recipients it carries."""
 
     key: str
-    members: list[asyncpg.Record]
+    members: list[RecipientRow]
 
     @classmethod
-    def new(cls, campaign_id: str, members: list[asyncpg.Record]) -> _Request:
+    def new(cls, campaign_id: str, members: list[RecipientRow]) -> _Request:
         """A request not sent before, keyed by its recipients."""
-        return cls(request_key(campaign_id, [row["id"] for row in members]), members)
+        return cls(request_key(campaign_id, [row.id for row in members]), members)
 
 
 @dataclass
-class _Outcomes:
+class _Outcomes(ledger.Outcomes):
     """Outcomes decided by this attempt, in the ledger's column layout."""
 
-    ids: list[int] = field(default_factory=list)
-    statuses: list[str] = field(default_factory=list)
-    message_ids: list[str | None] = field(default_factory=list)
-    keys: list[str | None] = field(default_factory=list)
-    errors: list[str | None] = field(default_factory=list)
-    request_last_ids: list[int | None] = field(default_factory=list)
     last_code: str | None = None
     """The last error in a form that names no recipient: it goes to workflow history."""
 
@@ -271,16 +203,12 @@ class SendingActivities:
         key = (batch.campaign_id, batch.execution_id)
         cached = self._campaigns.get(key)
         if cached is None:
-            row = await self._pool.fetchrow(
-                """SELECT c.spec, c.org_id, c.audience_id, o.verified_domain FROM campaigns c
-                   JOIN orgs o ON o.id = c.org_id WHERE c.id = $1""",
-                batch.campaign_id,
-            )
-            stored = (row["org_id"], row["audience_id"]) if row else None
+            row = await campaign_rows.for_batch(self._pool, batch.campaign_id)
+            stored = (row.org_id, row.audience_id) if row else None
             _refuse_out_of_scope(batch, stored)
             assert row is not None
             try:
-                spec = CampaignSpec.model_validate(row["spec"])
+                spec = CampaignSpec.model_validate(row.spec)
             except ValidationError as error:
                 fields = ", ".join(sorted({str(item["loc"][0]) for item in error.errors()}))
                 raise ApplicationError(
@@ -289,7 +217,7 @@ class SendingActivities:
                     type=INVALID_SPEC_ERROR,
                     non_retryable=True,
                 ) from None
-            cached = _Campaign.from_spec(spec, row["audience_id"], row["verified_domain"])
+            cached = _Campaign.from_spec(spec, row.audience_id, row.verified_domain)
             self._campaigns[key] = cached
             while len(self._campaigns) > 64:
                 self._campaigns.popitem(last=False)
@@ -307,7 +235,7 @@ class SendingActivities:
             domains=self._domains,
         )
 
-    @activity.defn
+    @activity.defn(name=SEND_BATCH)
     async def send_batch(self, batch: SendBatchInput) -> BatchOutcome:
         """Send one keyset range; see the module docstring for the guarantees.
 
@@ -344,30 +272,30 @@ class SendingActivities:
         started = time.perf_counter()
         campaign = await self._campaign(batch)
         identity = await self._identity(campaign)
-        sql = _READ_AUDIENCE_RANGE if batch.source == "audience" else _READ_LEDGER_RANGE
-        args: tuple[object, ...] = (
-            batch.campaign_id,
-            campaign.org,
-            batch.audience_id,
-            batch.range.after_id,
-            batch.range.last_id,
+        rows = await ledger.read_range(
+            self._pool,
+            source=batch.source,
+            campaign_id=batch.campaign_id,
+            org=campaign.org,
+            audience_id=batch.audience_id,
+            after_id=batch.range.after_id,
+            last_id=batch.range.last_id,
+            execution_id=batch.execution_id,
+            round=batch.round,
         )
-        if batch.source == "ledger":
-            args += (batch.execution_id, batch.round)
-        rows = await self._pool.fetch(sql, *args)
         # The last request planned for a recipient wins (a 422 split plans smaller ones).
         planned: dict[int, str] = {}
-        for plan in await self._pool.fetch(_READ_PLAN, *_plan_scope(batch)):
-            planned.update(dict.fromkeys(plan["recipient_ids"], plan["request_key"]))
+        for plan in await ledger.read_plan(self._pool, _plan_scope(batch)):
+            planned.update(dict.fromkeys(plan.recipient_ids, plan.request_key))
 
         counts = {status: 0 for status in DeliveryStatus}
         skipped = 0
         outcomes = _Outcomes()
-        groups: dict[str, list[asyncpg.Record]] = {}
-        fresh: list[asyncpg.Record] = []
+        groups: dict[str, list[RecipientRow]] = {}
+        fresh: list[RecipientRow] = []
         for row in rows:
-            status = row["status"]
-            if row["execution_id"] == batch.execution_id and row["round"] == batch.round:
+            status = row.status
+            if row.execution_id == batch.execution_id and row.round == batch.round:
                 counts[DeliveryStatus(status)] += 1  # decided by an earlier attempt
                 continue
             if status == DeliveryStatus.SENT:
@@ -375,14 +303,14 @@ class SendingActivities:
                 continue
             # A recipient that an earlier request may have reached goes out again in
             # that request, under its key, so the provider can replay it.
-            key = planned.get(row["id"]) or (row["request_key"] if status in _RETRIED else None)
+            key = planned.get(row.id) or (row.request_key if status in _RETRIED else None)
             if key:
                 groups.setdefault(key, []).append(row)
-            elif row["suppressed"]:
-                outcomes.add(row["id"], DeliveryStatus.SUPPRESSED)
-            elif not is_valid_address(row["email"]):
+            elif row.suppressed:
+                outcomes.add(row.id, DeliveryStatus.SUPPRESSED)
+            elif not is_valid_address(row.email):
                 outcomes.add(
-                    row["id"],
+                    row.id,
                     DeliveryStatus.REJECTED,
                     error="invalid email address",
                     code="invalid email address",
@@ -421,16 +349,11 @@ class SendingActivities:
         # A batch stopped short (throttled, refused) keeps its plan: requests an
         # earlier attempt planned may have reached the provider and must go out again
         # as they were.
-        await self._pool.execute(
-            _RECORD,
-            *_plan_scope(batch),
-            outcomes.ids,
-            outcomes.statuses,
-            outcomes.message_ids,
-            outcomes.keys,
-            outcomes.errors,
-            fatal is None and throttled_for is None,
-            outcomes.request_last_ids,
+        await ledger.record(
+            self._pool,
+            _plan_scope(batch),
+            outcomes,
+            clear_plan=fatal is None and throttled_for is None,
         )
         if fatal is not None:
             log.error("batch stopped", error=fatal.message)
@@ -464,16 +387,11 @@ class SendingActivities:
 
     async def _plan(self, batch: SendBatchInput, requests: list[_Request]) -> None:
         """Record requests before they are sent (see migration 0003)."""
-        if requests:
-            scope = _plan_scope(batch)
-            await self._pool.copy_records_to_table(
-                "provider_requests",
-                columns=_PLAN_COLUMNS,
-                records=[
-                    (*scope, request.key, [row["id"] for row in request.members])
-                    for request in requests
-                ],
-            )
+        await ledger.write_plan(
+            self._pool,
+            _plan_scope(batch),
+            [(request.key, [row.id for row in request.members]) for request in requests],
+        )
 
     async def _send_request(
         self,
@@ -494,20 +412,20 @@ class SendingActivities:
         # (recipient, message id) of each email accepted, by this attempt or before it
         pairs = accepted.get(key)
         if pairs is None:
-            body = [row for row in members if not row["suppressed"]]
+            body = [row for row in members if not row.suppressed]
             if body:
                 emails = [campaign.render(row, identity) for row in body]
                 reply = await self._provider.send_batch(emails, key)
                 if reply.kind is ReplyKind.ACCEPTED:
                     pairs = accepted[key] = [
-                        (row["id"], message_id)
+                        (row.id, message_id)
                         for row, message_id in zip(body, reply.message_ids, strict=True)
                     ]
                 elif reply.kind is ReplyKind.ACCEPTED_EARLIER:
                     # The provider holds an accepted request under this key: everyone
                     # it carried was sent, whatever the body looks like now.
                     for row in members:
-                        outcomes.add(row["id"], DeliveryStatus.SENT, key=key)
+                        outcomes.add(row.id, DeliveryStatus.SENT, key=key)
                     return
                 elif reply.kind is ReplyKind.THROTTLED:
                     raise _Throttled(reply.retry_after or 1.0)
@@ -528,14 +446,14 @@ class SendingActivities:
                     return
         elif pairs and isinstance(pairs[0], str):
             # Heartbeat of an earlier release: message ids in member order.
-            pairs = list(zip((row["id"] for row in members), pairs, strict=False))
+            pairs = list(zip((row.id for row in members), pairs, strict=False))
         message_ids = dict(pairs or ())
         for row in members:
-            message_id = message_ids.get(row["id"])
+            message_id = message_ids.get(row.id)
             if message_id is None:  # left out of the body: suppressed
-                outcomes.add(row["id"], DeliveryStatus.SUPPRESSED)
+                outcomes.add(row.id, DeliveryStatus.SUPPRESSED)
             else:
-                outcomes.add(row["id"], DeliveryStatus.SENT, message_id=message_id, key=key)
+                outcomes.add(row.id, DeliveryStatus.SENT, message_id=message_id, key=key)
 
     @staticmethod
     def _unsent(request: _Request, reply: ProviderReply, outcomes: _Outcomes) -> None:
@@ -543,10 +461,10 @@ class SendingActivities:
         rejected = reply.kind is ReplyKind.REJECTED
         status = DeliveryStatus.REJECTED if rejected else DeliveryStatus.FAILED
         # The request's span keeps later keyset ranges from cutting through it.
-        last_id = request.members[-1]["id"]
+        last_id = request.members[-1].id
         for row in request.members:
             outcomes.add(
-                row["id"],
+                row.id,
                 status,
                 key=request.key,
                 error=reply.error,

@@ -39,6 +39,7 @@ import asyncpg
 from campaigns.addresses import is_valid_address, normalize_address
 from campaigns.models import MAX_AUDIENCE_NAME, is_valid_org_id
 from campaigns.safe_text import control_character_problem
+from campaigns.store import audiences, orgs
 from campaigns.templates import field_name_for
 
 REQUIRED_COLUMNS = ("email",)
@@ -473,21 +474,11 @@ async def import_audience(
         raise ImportFailed(f"audience name: {problem}")
     if not path.is_file():
         raise ImportFailed(f"{path}: no such file")
-    if await conn.fetchval("SELECT id FROM orgs WHERE id = $1", org) is None:
+    if not await orgs.exists(conn, org):
         raise ImportFailed(f"unknown org '{org}' (add it with `campaigns org add {org}`)")
     checker = _RowChecker(path, keep_problems)
-    async with conn.transaction():
-        # left_out rows carry only an address seen on a row left out, for ``replace``.
-        await conn.execute(
-            """CREATE TEMP TABLE import_rows (
-                   line integer NOT NULL, email text NOT NULL, name text NOT NULL,
-                   merge_fields text NOT NULL, left_out boolean NOT NULL) ON COMMIT DROP"""
-        )
-        await conn.copy_records_to_table(
-            "import_rows",
-            records=checker.rows(),
-            columns=["line", "email", "name", "merge_fields", "left_out"],
-        )
+    async with audiences.staged_import(conn) as staging:
+        await staging.copy(checker.rows())
         if replace and checker.unreadable_lines:
             lines = ", ".join(str(line) for line in checker.unreadable_lines[:10])
             raise ImportFailed(
@@ -495,90 +486,36 @@ async def import_audience(
                 f"(longer than {MAX_RECORD_CHARS:,} characters), so which recipients they "
                 "keep is unknown; fix them or import without --replace"
             )
-        await conn.execute("ANALYZE import_rows")  # plans for the joins below
-        duplicates = await conn.fetch(
-            """WITH ranked AS (
-                   SELECT line, email, min(line) OVER (PARTITION BY email) AS first_line
-                   FROM import_rows WHERE NOT left_out)
-               SELECT line, email, first_line, count(*) OVER () AS total
-               FROM ranked WHERE line <> first_line ORDER BY line LIMIT $1""",
-            keep_problems,
-        )
-        for row in duplicates:
-            checker.problem(row["line"], f"duplicate of line {row['first_line']} ({row['email']})")
+        await staging.analyze()  # plans for the joins below
+        duplicates = await staging.duplicates(keep_problems)
+        for duplicate in duplicates:
+            checker.problem(
+                duplicate.line, f"duplicate of line {duplicate.first_line} ({duplicate.email})"
+            )
         if duplicates:
-            checker.problem_count += duplicates[0]["total"] - len(duplicates)
-            await conn.execute(
-                """DELETE FROM import_rows a USING import_rows b
-                   WHERE a.email = b.email AND a.line > b.line
-                     AND NOT a.left_out AND NOT b.left_out"""
-            )
-        audience_id = await conn.fetchval(
-            """INSERT INTO audiences (org_id, name, merge_fields) VALUES ($1, $2, $3)
-               ON CONFLICT (org_id, name) DO UPDATE SET
-                   merge_fields = ARRAY(SELECT DISTINCT unnest(audiences.merge_fields || $3)
-                                        ORDER BY 1),
-                   updated_at = now()
-               RETURNING id""",
-            org,
-            name,
-            checker.merge_fields,
-        )
-        counts = await conn.fetchrow(
-            """WITH upserted AS (
-                   INSERT INTO recipients (audience_id, email, name, merge_fields)
-                   SELECT $1, email, name, merge_fields::jsonb FROM import_rows
-                   WHERE NOT left_out ORDER BY line
-                   ON CONFLICT (audience_id, email) DO UPDATE
-                   SET name = EXCLUDED.name, merge_fields = EXCLUDED.merge_fields
-                   WHERE (recipients.name, recipients.merge_fields)
-                         IS DISTINCT FROM (EXCLUDED.name, EXCLUDED.merge_fields)
-                   RETURNING (xmax = 0) AS inserted)
-               SELECT count(*) FILTER (WHERE inserted) AS inserted,
-                      count(*) FILTER (WHERE NOT inserted) AS updated,
-                      (SELECT count(*) FROM import_rows WHERE NOT left_out) AS staged
-               FROM upserted""",
-            audience_id,
-        )
+            checker.problem_count += duplicates[0].total - len(duplicates)
+            await staging.drop_duplicates()
+        audience_id = await staging.upsert_audience(org, name, checker.merge_fields)
+        counts = await staging.upsert_recipients(audience_id)
         # Recipients not on a valid row of the file: the audience had them before.
-        absent = await conn.fetchrow(
-            """WITH absent AS (
-                   SELECT r.email FROM recipients r
-                   WHERE r.audience_id = $1 AND NOT EXISTS (
-                       SELECT 1 FROM import_rows i WHERE i.email = r.email AND NOT i.left_out)),
-               spared AS (SELECT DISTINCT email FROM import_rows WHERE left_out)
-               SELECT count(*) FILTER (WHERE s.email IS NULL) AS not_in_file,
-                      count(s.email) AS on_left_out_rows
-               FROM absent a LEFT JOIN spared s USING (email)""",
-            audience_id,
-        )
+        absent = await staging.absent(audience_id)
         removed = 0
-        if replace and absent["not_in_file"]:
-            removed = await conn.fetchval(
-                """WITH removed AS (
-                       DELETE FROM recipients r
-                       WHERE r.audience_id = $1 AND NOT EXISTS (
-                           SELECT 1 FROM import_rows i WHERE i.email = r.email)
-                       RETURNING 1)
-                   SELECT count(*) FROM removed""",
-                audience_id,
-            )
-        merge_fields = await conn.fetchval(
-            "SELECT merge_fields FROM audiences WHERE id = $1", audience_id
-        )
+        if replace and absent.not_in_file:
+            removed = await staging.remove_absent(audience_id)
+        merge_fields = await staging.merge_fields(audience_id)
     checker.problems.sort(key=lambda problem: problem.line)
     return ImportReport(
         audience_id=audience_id,
         rows_read=checker.rows_read,
-        inserted=counts["inserted"],
-        updated=counts["updated"],
-        unchanged=counts["staged"] - counts["inserted"] - counts["updated"],
+        inserted=counts.inserted,
+        updated=counts.updated,
+        unchanged=counts.staged - counts.inserted - counts.updated,
         problems=checker.problems[:keep_problems],
         problem_count=checker.problem_count,
-        merge_fields=list(merge_fields),
+        merge_fields=merge_fields,
         renamed_columns=checker.renamed,
-        not_in_file=absent["not_in_file"],
-        on_left_out_rows=absent["on_left_out_rows"],
+        not_in_file=absent.not_in_file,
+        on_left_out_rows=absent.on_left_out_rows,
         removed=removed,
         replace=replace,
     )

@@ -43,6 +43,8 @@ from campaigns.spec_check import (
     check_timing,
     owned_by_another_workflow,
 )
+from campaigns.store import campaigns as campaign_rows
+from campaigns.store import ledger
 from campaigns.store.templates import store_templates
 from campaigns.temporal import WORKFLOW_TYPE, connect
 from workflows import CampaignWorkflow
@@ -135,9 +137,7 @@ class CampaignClient:
         templates = spec.templates()
         conn = await db.connect(self.settings.require_database_url())
         try:
-            owner = await conn.fetchval(
-                "SELECT workflow_id FROM campaigns WHERE id = $1", spec.campaign_id
-            )
+            owner = await campaign_rows.owner(conn, spec.campaign_id)
             if owner is not None and owner != workflow_id:
                 raise InvalidSpec([owned_by_another_workflow(spec.campaign_id, owner)])
             if templates is None:
@@ -306,15 +306,11 @@ class CampaignClient:
                 f"campaign '{workflow_id}' is still {status.state.value.lower()}; "
                 "retry-failed is for a finished campaign"
             )
-        stored = await conn.fetchval("SELECT spec FROM campaigns WHERE id = $1", status.campaign_id)
+        stored = await campaign_rows.stored_spec(conn, status.campaign_id)
         if stored is None:
             raise ControlRefused(f"campaign '{status.campaign_id}' never started sending")
         spec = CampaignSpec.model_validate({**stored, "send_to": "failed", "send_at": None})
-        failed = await conn.fetchval(
-            """SELECT count(*) FROM deliveries
-               WHERE campaign_id = $1 AND status IN ('failed', 'abandoned')""",
-            spec.campaign_id,
-        )
+        failed = await ledger.count_to_retry(conn, spec.campaign_id)
         if not failed:
             hint = (
                 f"; to send to the recipients it never reached, start its spec again "

@@ -17,7 +17,11 @@ from time import perf_counter
 
 import asyncpg
 import structlog
-from pydantic import BaseModel
+
+from campaigns.models import RefreshResult
+from campaigns.store import first_party as store
+from campaigns.store._pool import Conn
+from campaigns.store.first_party import Snapshot
 
 log = structlog.get_logger(__name__)
 
@@ -29,111 +33,12 @@ SAMPLE = 50  # how many added/removed org ids a result lists
 BOOTSTRAP_WAIT_SECONDS = 5.0  # the longest a batch waits for the first snapshot
 BOOTSTRAP_BACKOFF_SECONDS = 60.0  # after a failed bootstrap, batches use the shared domain
 
-# One statement: validate, compute, publish, swap, diff, clean up. Nothing is written
-# when a flag has an unknown state or there are no orgs at all.
-#
-# * ``states`` is a loose index scan: one probe of org_feature_flags_by_flag per
-#   distinct state, so validation does not read every org's flag.
-# * ``computed`` is an index-only scan of the 'on' range of org_feature_flags_by_flag
-#   merged with an index-only scan of org_tokens_by_org, already in org_id order.
-# * The pointer moves only from the snapshot this statement read as ``previous``
-#   (compare-and-swap). A concurrent refresh that swapped first wins and this one
-#   reports ``published = false``, so the pointer never moves back to a lower version
-#   and added/removed are always against the snapshot actually replaced.
-# * The diff is one hash full join, and is skipped when the set did not change.
-_REFRESH = """
-WITH RECURSIVE states AS (
-    SELECT min(state) AS state FROM org_feature_flags WHERE flag = $1
-    UNION ALL
-    SELECT (SELECT min(f.state) FROM org_feature_flags f WHERE f.flag = $1 AND f.state > s.state)
-    FROM states s WHERE s.state IS NOT NULL
-), unknown AS (
-    SELECT u.org_id, s.state
-    FROM states s CROSS JOIN LATERAL (
-        SELECT f.org_id FROM org_feature_flags f
-        WHERE f.flag = $1 AND f.state = s.state ORDER BY f.org_id LIMIT 20
-    ) u
-    WHERE s.state <> ALL($2::text[])
-    ORDER BY u.org_id LIMIT 20
-), any_org AS (
-    SELECT EXISTS (SELECT 1 FROM orgs) AS present
-), publish AS (
-    SELECT NOT EXISTS (SELECT 1 FROM unknown) AND (SELECT present FROM any_org) AS ok
-), computed AS MATERIALIZED (  -- once, though both org_ids and size read it
-    SELECT ARRAY(
-        SELECT f.org_id FROM org_feature_flags f
-        WHERE f.flag = $1 AND f.state = 'on'
-          AND EXISTS (SELECT 1 FROM org_tokens t WHERE t.org_id = f.org_id)
-        ORDER BY f.org_id
-    ) AS org_ids
-), previous AS (
-    SELECT s.version, s.org_ids FROM first_party_current c
-    JOIN first_party_snapshots s ON s.version = c.version
-), snapshot AS (
-    INSERT INTO first_party_snapshots (version, org_ids, size)
-    SELECT nextval('first_party_snapshot_version'), c.org_ids, cardinality(c.org_ids)
-    FROM computed c
-    WHERE (SELECT ok FROM publish)
-    RETURNING version, org_ids, size, refreshed_at
-), pointer AS (
-    INSERT INTO first_party_current (singleton, version, refreshed_at)
-    SELECT true, version, refreshed_at FROM snapshot
-    ON CONFLICT (singleton) DO UPDATE
-    SET version = EXCLUDED.version, refreshed_at = EXCLUDED.refreshed_at
-    WHERE first_party_current.version = (SELECT version FROM previous)
-    RETURNING version
-), cleanup AS (
-    DELETE FROM first_party_snapshots
-    WHERE version < (SELECT version FROM previous) AND EXISTS (SELECT 1 FROM pointer)
-), diff AS (
-    SELECT n.org_id AS added, o.org_id AS removed
-    FROM unnest((SELECT org_ids FROM snapshot)) AS n (org_id)
-    FULL JOIN unnest((SELECT org_ids FROM previous)) AS o (org_id) ON o.org_id = n.org_id
-    WHERE (n.org_id IS NULL OR o.org_id IS NULL)
-      AND (SELECT org_ids FROM snapshot) <> coalesce((SELECT org_ids FROM previous), '{}')
-)
-SELECT
-    (SELECT version FROM snapshot) AS version,
-    (SELECT size FROM snapshot) AS size,
-    (SELECT version FROM previous) AS previous_version,
-    EXISTS (SELECT 1 FROM pointer) AS published,
-    (SELECT count(added) FROM diff) AS added_count,
-    ARRAY(SELECT added FROM diff WHERE added IS NOT NULL ORDER BY 1 LIMIT $3) AS added,
-    (SELECT count(removed) FROM diff) AS removed_count,
-    ARRAY(SELECT removed FROM diff WHERE removed IS NOT NULL ORDER BY 1 LIMIT $3) AS removed,
-    ARRAY(SELECT org_id || '=' || state FROM unknown) AS unknown,
-    (SELECT present FROM any_org) AS any_org
-"""
-
-_CURRENT = """
-SELECT s.version, s.org_ids, s.refreshed_at
-FROM first_party_current c JOIN first_party_snapshots s ON s.version = c.version
-"""
-
 
 class RefreshRefused(ValueError):
     """The data cannot make a trustworthy set; the previous snapshot stays in use."""
 
 
-class RefreshResult(BaseModel):
-    """What a refresh published and what changed since the previous snapshot.
-
-    ``published`` is false when a concurrent refresh swapped the pointer first: this
-    one's snapshot (``version``) was written but is not in use.
-    """
-
-    version: int
-    previous_version: int | None
-    published: bool = True
-    size: int
-    duration_ms: float
-    added_count: int
-    added: list[str]
-    removed_count: int
-    removed: list[str]
-
-
-async def refresh_first_party_orgs(conn: asyncpg.Connection | asyncpg.Pool) -> RefreshResult:
+async def refresh_first_party_orgs(conn: Conn) -> RefreshResult:
     """Compute and publish the first-party set in one statement.
 
     Logs a warning past 500 ms and an error past 1 s, with the counts.
@@ -142,28 +47,29 @@ async def refresh_first_party_orgs(conn: asyncpg.Connection | asyncpg.Pool) -> R
         RefreshRefused: a flag has an unknown state, or there are no orgs at all.
     """
     started = perf_counter()
-    row = await conn.fetchrow(_REFRESH, FIRST_PARTY_FLAG, list(KNOWN_STATES), SAMPLE)
+    row = await store.refresh(conn, FIRST_PARTY_FLAG, list(KNOWN_STATES), SAMPLE)
     duration_ms = (perf_counter() - started) * 1000
-    if row["unknown"]:
+    if row.unknown:
         raise RefreshRefused(
-            f"flag '{FIRST_PARTY_FLAG}' has unknown states ({', '.join(row['unknown'])}); "
+            f"flag '{FIRST_PARTY_FLAG}' has unknown states ({', '.join(row.unknown)}); "
             f"expected one of {', '.join(KNOWN_STATES)}. The previous snapshot stays in use."
         )
-    if not row["any_org"]:
+    if not row.any_org:
         raise RefreshRefused(
             "the orgs table is empty; refusing to publish an empty first-party set. "
             "The previous snapshot stays in use."
         )
+    assert row.version is not None and row.size is not None  # published when valid
     result = RefreshResult(
-        version=row["version"],
-        previous_version=row["previous_version"],
-        published=row["published"],
-        size=row["size"],
+        version=row.version,
+        previous_version=row.previous_version,
+        published=row.published,
+        size=row.size,
         duration_ms=round(duration_ms, 1),
-        added_count=row["added_count"],
-        added=row["added"] or [],
-        removed_count=row["removed_count"],
-        removed=row["removed"] or [],
+        added_count=row.added_count,
+        added=row.added,
+        removed_count=row.removed_count,
+        removed=row.removed,
     )
     fields = result.model_dump(exclude={"added", "removed"})
     if duration_ms > VERY_SLOW_REFRESH_MS:
@@ -175,14 +81,6 @@ async def refresh_first_party_orgs(conn: asyncpg.Connection | asyncpg.Pool) -> R
     else:
         log.info("first-party orgs refreshed", **fields, added=result.added, removed=result.removed)
     return result
-
-
-@dataclass
-class Snapshot:
-    """One published first-party set."""
-
-    version: int
-    org_ids: frozenset[str]
 
 
 @dataclass
@@ -208,7 +106,7 @@ class FirstPartySnapshotCache:
 
     async def current(self) -> Snapshot | None:
         """The current snapshot, or None when none was ever published."""
-        version = await self.pool.fetchval("SELECT version FROM first_party_current")
+        version = await store.current_version(self.pool)
         if version is None:
             return None
         if self._snapshot is None or self._snapshot.version != version:
@@ -262,7 +160,6 @@ def _describe(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
-async def read_current(conn: asyncpg.Connection | asyncpg.Pool) -> Snapshot | None:
+async def read_current(conn: Conn) -> Snapshot | None:
     """The current snapshot, read in one statement."""
-    row = await conn.fetchrow(_CURRENT)
-    return Snapshot(row["version"], frozenset(row["org_ids"])) if row else None
+    return await store.read_current(conn)

@@ -417,6 +417,24 @@ class BatchOutcome(_Model):
     last_error: str | None = None
 
 
+class RefreshResult(BaseModel):
+    """What a first-party refresh published and what changed since the previous snapshot.
+
+    ``published`` is false when a concurrent refresh swapped the pointer first: this
+    one's snapshot (``version``) was written but is not in use.
+    """
+
+    version: int
+    previous_version: int | None
+    published: bool = True
+    size: int
+    duration_ms: float
+    added_count: int
+    added: list[str]
+    removed_count: int
+    removed: list[str]
+
+
 class CampaignCounts(BaseModel):
     """Running totals; the workflow mutates these as batches finish."""
 

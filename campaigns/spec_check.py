@@ -7,14 +7,12 @@ the Python client) is held to the same rules.
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import asyncpg
 from pydantic import ValidationError
 
+from campaigns.contract import InvalidSpec, SpecProblem, problems_from_validation_error
 from campaigns.models import (
     TEMPLATE_FIELDS,
     CampaignPlan,
@@ -22,44 +20,11 @@ from campaigns.models import (
     CampaignTemplates,
     send_at_problem,
 )
+from campaigns.store import audiences, ledger, orgs
+from campaigns.store import campaigns as campaign_rows
+from campaigns.store._pool import Conn
 from campaigns.store.templates import load_templates
 from campaigns.templates import BUILTIN_FIELDS, TemplateError, fields_used
-
-
-@dataclass(frozen=True)
-class SpecProblem:
-    """One thing wrong with a spec, named by its field."""
-
-    field: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.field}: {self.message}"
-
-
-class InvalidSpec(ValueError):
-    """A spec that must not start; ``problems`` names every bad field."""
-
-    def __init__(self, problems: list[SpecProblem]) -> None:
-        """Keep the problems and build a readable message."""
-        self.problems = problems
-        lines = "\n".join(f"  - {problem}" for problem in problems)
-        super().__init__(f"campaign spec is invalid:\n{lines}")
-
-
-def problems_from_validation_error(error: ValidationError) -> list[SpecProblem]:
-    """Turn pydantic's errors into one problem per field."""
-    problems = []
-    for item in error.errors():
-        field = ".".join(str(part) for part in item["loc"]) or "spec"
-        message = item["msg"].removeprefix("Value error, ")
-        if item["type"] not in ("missing", "extra_forbidden") and "input" in item:
-            shown = json.dumps(item["input"], default=str)
-            message += f" (got {shown[:80]})"
-        if item["type"] == "extra_forbidden":
-            message = "is not a known field"
-        problems.append(SpecProblem(field, message))
-    return problems
 
 
 def parse_spec(data: str | bytes | dict[str, Any]) -> CampaignSpec:
@@ -113,9 +78,7 @@ def _template_fields(
     return used, problems
 
 
-async def resolve_templates(
-    conn: asyncpg.Connection | asyncpg.Pool, spec: CampaignSpec
-) -> CampaignTemplates:
+async def resolve_templates(conn: Conn, spec: CampaignSpec) -> CampaignTemplates:
     """The spec's templates: inline, or stored for its org under ``template_digest``.
 
     Raises:
@@ -139,7 +102,7 @@ async def resolve_templates(
 
 
 async def check_against_database(
-    conn: asyncpg.Connection | asyncpg.Pool,
+    conn: Conn,
     spec: CampaignSpec,
     *,
     workflow_id: str | None = None,
@@ -151,20 +114,15 @@ async def check_against_database(
     Raises:
         InvalidSpec: naming every field that refers to something missing.
     """
-    org = await conn.fetchval("SELECT id FROM orgs WHERE id = $1", spec.org)
-    if org is None:
+    if not await orgs.exists(conn, spec.org):
         raise InvalidSpec([SpecProblem("org", f"unknown org '{spec.org}'")])
-    audience = await conn.fetchrow(
-        "SELECT id, merge_fields FROM audiences WHERE org_id = $1 AND name = $2",
-        spec.org,
-        spec.audience,
-    )
+    audience = await audiences.by_name(conn, spec.org, spec.audience)
     if audience is None:
         raise InvalidSpec(
             [SpecProblem("audience", f"org '{spec.org}' has no audience named '{spec.audience}'")]
         )
     templates = await resolve_templates(conn, spec)
-    known = BUILTIN_FIELDS | set(audience["merge_fields"])
+    known = BUILTIN_FIELDS | set(audience.merge_fields)
     used, problems = _template_fields(templates)
     for field_name, fields in used.items():
         unknown = sorted(fields - known)
@@ -177,31 +135,26 @@ async def check_against_database(
                     + ", ".join(sorted(known)),
                 )
             )
-    other = await conn.fetchrow(
-        "SELECT org_id, audience_id, workflow_id FROM campaigns WHERE id = $1", spec.campaign_id
-    )
-    if other is not None and (other["org_id"], other["audience_id"]) != (spec.org, audience["id"]):
+    other = await campaign_rows.binding(conn, spec.campaign_id)
+    if other is not None and (other.org_id, other.audience_id) != (spec.org, audience.id):
         problems.append(
             SpecProblem(
                 "campaign_id",
                 f"'{spec.campaign_id}' is already used by a campaign of org "
-                f"'{other['org_id']}' to another audience",
+                f"'{other.org_id}' to another audience",
             )
         )
     elif (
         other is not None
         and workflow_id is not None
-        and other["workflow_id"] not in (None, workflow_id)
+        and other.workflow_id not in (None, workflow_id)
     ):
-        problems.append(owned_by_another_workflow(spec.campaign_id, other["workflow_id"]))
+        assert other.workflow_id is not None
+        problems.append(owned_by_another_workflow(spec.campaign_id, other.workflow_id))
     if problems:
         raise InvalidSpec(problems)
     if spec.send_to == "failed":
-        total = await conn.fetchval(
-            """SELECT count(*) FROM deliveries
-               WHERE campaign_id = $1 AND status IN ('failed', 'abandoned')""",
-            spec.campaign_id,
-        )
+        total = await ledger.count_to_retry(conn, spec.campaign_id)
         if not total:
             raise InvalidSpec(
                 [
@@ -212,11 +165,9 @@ async def check_against_database(
                 ]
             )
     else:
-        total = await conn.fetchval(
-            "SELECT count(*) FROM recipients WHERE audience_id = $1", audience["id"]
-        )
+        total = await audiences.count_recipients(conn, audience.id)
     return CampaignPlan(
-        audience_id=audience["id"], total_recipients=total, template_digest=templates.digest()
+        audience_id=audience.id, total_recipients=total, template_digest=templates.digest()
     )
 
 

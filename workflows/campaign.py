@@ -26,13 +26,19 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
 
 with workflow.unsafe.imports_passed_through():
-    from activities.planning import INVALID_SPEC_ERROR, PlanningActivities
-    from activities.sending import (
+    from campaigns import search_attributes as sa
+    from campaigns.contract import (
+        ABANDON_FAILED,
+        INVALID_SPEC_ERROR,
+        PLAN_BATCHES,
+        PREPARE_CAMPAIGN,
         PROVIDER_AUTH_ERROR,
         PROVIDER_CONFIG_ERROR,
-        SendingActivities,
+        SEND_BATCH,
+        InvalidSpec,
+        SpecProblem,
+        problems_from_validation_error,
     )
-    from campaigns import search_attributes as sa
     from campaigns.models import (
         MAX_SCHEDULE_AHEAD_DAYS,
         MAX_WINDOW,
@@ -52,7 +58,6 @@ with workflow.unsafe.imports_passed_through():
         rate_problem,
         send_at_problem,
     )
-    from campaigns.spec_check import InvalidSpec, SpecProblem, problems_from_validation_error
 
 # Permanent problems: retrying cannot help, so they stop the campaign at once.
 NON_RETRYABLE = [INVALID_SPEC_ERROR, PROVIDER_AUTH_ERROR, PROVIDER_CONFIG_ERROR]
@@ -166,8 +171,8 @@ class CampaignWorkflow:
                 prepare_input: CampaignSpec | SpecInWorkflowInput = (
                     SpecInWorkflowInput() if by_reference and spec.templates() else spec
                 )
-                plan: CampaignPlan = await workflow.execute_activity_method(
-                    PlanningActivities.prepare_campaign, prepare_input, **DATABASE_STEP
+                plan: CampaignPlan = await workflow.execute_activity(
+                    PREPARE_CAMPAIGN, prepare_input, result_type=CampaignPlan, **DATABASE_STEP
                 )
                 if by_reference and plan.template_digest and spec.templates():
                     spec = spec.by_reference(plan.template_digest)  # for later runs' input
@@ -287,9 +292,10 @@ class CampaignWorkflow:
             status.counts.failed = 0  # this round decides them again
             carried.round, carried.cursor = next_round, 0
         if status.counts.failed:
-            status.counts.abandoned += await workflow.execute_activity_method(
-                PlanningActivities.abandon_failed,
+            status.counts.abandoned += await workflow.execute_activity(
+                ABANDON_FAILED,
                 AbandonFailedInput(campaign_id=spec.campaign_id, org=spec.org),
+                result_type=int,
                 **DATABASE_STEP,
             )
             status.counts.failed = 0
@@ -319,8 +325,8 @@ class CampaignWorkflow:
                 and len(self._in_flight) < controls.window
             ):
                 if not ranges and not exhausted:
-                    page: list[BatchRange] = await workflow.execute_activity_method(
-                        PlanningActivities.plan_batches,
+                    page: list[BatchRange] = await workflow.execute_activity(
+                        PLAN_BATCHES,
                         PlanBatchesInput(
                             campaign_id=spec.campaign_id,
                             org=spec.org,
@@ -330,6 +336,7 @@ class CampaignWorkflow:
                             batch_size=spec.recipients_per_activity,
                             max_batches=max(2 * controls.window, 4),
                         ),
+                        result_type=list[BatchRange],
                         **DATABASE_STEP,
                     )
                     ranges.extend(page)
@@ -402,9 +409,10 @@ class CampaignWorkflow:
         )
         self._in_flight.append(
             asyncio.ensure_future(
-                workflow.execute_activity_method(
-                    SendingActivities.send_batch,
+                workflow.execute_activity(
+                    SEND_BATCH,
                     batch,
+                    result_type=BatchOutcome,
                     summary=f"round {carried.round}: recipients "
                     f"{batch_range.after_id + 1}..{batch_range.last_id}",
                     **BATCH_STEP,

@@ -13,8 +13,8 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy
 
 with workflow.unsafe.imports_passed_through():
-    from activities.maintenance import REFRESH_REFUSED_ERROR, MaintenanceActivities
-    from campaigns.first_party import RefreshResult
+    from campaigns.contract import REFRESH_FIRST_PARTY_ORGS, REFRESH_REFUSED_ERROR
+    from campaigns.models import RefreshResult
 
 
 @workflow.defn
@@ -24,8 +24,9 @@ class RefreshFirstPartyOrgsWorkflow:
     @workflow.run
     async def run(self) -> RefreshResult:
         """Refresh, retrying a database outage for a few minutes before giving up."""
-        return await workflow.execute_activity_method(
-            MaintenanceActivities.refresh_first_party_orgs,
+        return await workflow.execute_activity(
+            REFRESH_FIRST_PARTY_ORGS,
+            result_type=RefreshResult,
             start_to_close_timeout=timedelta(minutes=2),
             retry_policy=RetryPolicy(
                 initial_interval=timedelta(seconds=2),

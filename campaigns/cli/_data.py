@@ -14,6 +14,7 @@ from campaigns.audience_import import ImportReport, import_audience
 from campaigns.cli._campaign import CommandError
 from campaigns.cli._progress import literal
 from campaigns.settings import Settings
+from campaigns.store import audiences, orgs
 
 MAX_ORG_NAME = 200
 """Longest org display name, in characters."""
@@ -36,16 +37,7 @@ async def cmd_org_add(args: Namespace, settings: Settings, console: Console) -> 
     """``campaigns org add ID [--name NAME] [--verified-domain DOMAIN]`` (idempotent)."""
     conn = await db.connect(settings.require_database_url())
     try:
-        await conn.execute(
-            """INSERT INTO orgs (id, name, verified_domain) VALUES ($1, $2, $3)
-               ON CONFLICT (id) DO UPDATE SET
-                   name = coalesce($4, orgs.name),
-                   verified_domain = coalesce(EXCLUDED.verified_domain, orgs.verified_domain)""",
-            args.org_id,
-            args.name or args.org_id,
-            args.verified_domain,
-            args.name,
-        )
+        await orgs.upsert(conn, args.org_id, name=args.name, verified_domain=args.verified_domain)
     finally:
         await conn.close()
     console.print(Text.assemble("org ", literal(args.org_id, "bold"), " ready"))
@@ -56,16 +48,9 @@ async def cmd_org_flag(args: Namespace, settings: Settings, console: Console) ->
     """``campaigns org flag ORG FLAG on|off``; first_party takes effect at the next refresh."""
     conn = await db.connect(settings.require_database_url())
     try:
-        if await conn.fetchval("SELECT id FROM orgs WHERE id = $1", args.org_id) is None:
+        if not await orgs.exists(conn, args.org_id):
             raise CommandError(f"unknown org '{args.org_id}' (add it with `campaigns org add`)", 2)
-        await conn.execute(
-            """INSERT INTO org_feature_flags (org_id, flag, state) VALUES ($1, $2, $3)
-               ON CONFLICT (org_id, flag)
-               DO UPDATE SET state = EXCLUDED.state, updated_at = now()""",
-            args.org_id,
-            args.flag,
-            args.state,
-        )
+        await orgs.set_flag(conn, args.org_id, args.flag, args.state)
     finally:
         await conn.close()
     console.print(
@@ -78,16 +63,13 @@ async def cmd_org_list(args: Namespace, settings: Settings, console: Console) ->
     """``campaigns org list``."""
     conn = await db.connect(settings.require_database_url())
     try:
-        rows = await conn.fetch(
-            """SELECT o.id, o.name, count(a.id) AS audiences FROM orgs o
-               LEFT JOIN audiences a ON a.org_id = o.id GROUP BY o.id ORDER BY o.id"""
-        )
+        rows = await orgs.list_all(conn)
     finally:
         await conn.close()
     table = Table("org", "name", "audiences")
-    for row in rows:
+    for org in rows:
         # rows written by SQL or older versions may hold anything, markup included
-        table.add_row(literal(row["id"]), literal(row["name"]), str(row["audiences"]))
+        table.add_row(literal(org.id), literal(org.name), str(org.audiences))
     console.print(table)
     return 0
 
@@ -161,22 +143,16 @@ async def cmd_audience_list(args: Namespace, settings: Settings, console: Consol
     """``campaigns audience list [--org ORG]``."""
     conn = await db.connect(settings.require_database_url())
     try:
-        rows = await conn.fetch(
-            """SELECT a.org_id, a.name, a.merge_fields,
-                      (SELECT count(*) FROM recipients r WHERE r.audience_id = a.id) AS recipients
-               FROM audiences a WHERE $1::text IS NULL OR a.org_id = $1
-               ORDER BY a.org_id, a.name""",
-            args.org,
-        )
+        found = await audiences.list_all(conn, args.org)
     finally:
         await conn.close()
     table = Table("org", "audience", "recipients", "merge fields")
-    for row in rows:
+    for audience in found:
         table.add_row(
-            literal(row["org_id"]),
-            literal(row["name"]),
-            f"{row['recipients']:,}",
-            literal(", ".join(row["merge_fields"])),
+            literal(audience.org_id),
+            literal(audience.name),
+            f"{audience.recipients:,}",
+            literal(", ".join(audience.merge_fields)),
         )
     console.print(table)
     return 0
@@ -192,13 +168,9 @@ async def cmd_suppress(args: Namespace, settings: Settings, console: Console) ->
         raise CommandError(f"invalid email address: {shown}{more}", code=2)
     conn = await db.connect(settings.require_database_url())
     try:
-        if await conn.fetchval("SELECT id FROM orgs WHERE id = $1", args.org) is None:
+        if not await orgs.exists(conn, args.org):
             raise CommandError(f"unknown org '{args.org}'", code=2)
-        await conn.executemany(
-            """INSERT INTO suppressions (org_id, email, reason) VALUES ($1, $2, $3)
-               ON CONFLICT (org_id, email) DO UPDATE SET reason = EXCLUDED.reason""",
-            [(args.org, email, args.reason) for email in emails],
-        )
+        await orgs.suppress(conn, args.org, emails, args.reason)
     finally:
         await conn.close()
     console.print(

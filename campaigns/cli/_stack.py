@@ -29,6 +29,7 @@ from campaigns.stack import (
     stop_detached,
     write_private,
 )
+from campaigns.store import orgs
 
 
 def stack_config(args: Namespace) -> StackConfig:
@@ -99,16 +100,12 @@ async def cmd_demo(args: Namespace, settings: Settings, console: Console) -> int
 
     conn = await db.connect(settings.require_database_url())
     try:
-        await conn.execute(
-            "INSERT INTO orgs (id, name) VALUES ($1, 'Demo Org') ON CONFLICT DO NOTHING", DEMO_ORG
-        )
+        await orgs.add_if_missing(conn, DEMO_ORG, "Demo Org")
         console.print(literal(f"importing {csv_path} ..."))
         report = await import_audience(conn, DEMO_ORG, spec.audience, csv_path)
         print_import_report(report, console)
-        await conn.executemany(
-            """INSERT INTO suppressions (org_id, email, reason) VALUES ($1, $2, 'unsubscribed')
-               ON CONFLICT DO NOTHING""",
-            [(DEMO_ORG, email) for email in demo_suppressions(args.recipients)],
+        await orgs.suppress(
+            conn, DEMO_ORG, demo_suppressions(args.recipients), "unsubscribed", keep_reason=True
         )
         await check_against_database(conn, spec)
     finally:

@@ -1,7 +1,17 @@
-"""PostgreSQL access: connection pools and schema migrations."""
+"""PostgreSQL access: connection pools and schema migrations.
 
-from campaigns.db._pool import connect, create_pool
-from campaigns.db.migrate import LATEST_VERSION, SchemaOutOfDate, migrate, require_current_schema
+They live in ``campaigns.store`` with the rest of the product's SQL; this module
+keeps the older import path working.
+"""
+
+from campaigns.store import (
+    LATEST_VERSION,
+    SchemaOutOfDate,
+    connect,
+    create_pool,
+    migrate,
+    require_current_schema,
+)
 
 __all__ = [
     "LATEST_VERSION",

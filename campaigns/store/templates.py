@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import asyncpg
-
 from campaigns.models import CampaignTemplates
+from campaigns.store._pool import Conn
 
 
-async def store_templates(
-    conn: asyncpg.Connection | asyncpg.Pool, org: str, templates: CampaignTemplates
-) -> str:
+async def store_templates(conn: Conn, org: str, templates: CampaignTemplates) -> str:
     """Store ``templates`` for ``org`` (once per content) and return their digest."""
     digest = templates.digest()
     await conn.execute(
@@ -24,9 +21,7 @@ async def store_templates(
     return digest
 
 
-async def load_templates(
-    conn: asyncpg.Connection | asyncpg.Pool, org: str, digest: str
-) -> CampaignTemplates | None:
+async def load_templates(conn: Conn, org: str, digest: str) -> CampaignTemplates | None:
     """The templates ``org`` stored under ``digest``, or None.
 
     A row whose content no longer matches its digest is treated as missing, so a

@@ -34,7 +34,7 @@ class Migration:
 
 def _load() -> list[Migration]:
     found = []
-    for entry in resources.files("campaigns.db").joinpath("migrations").iterdir():
+    for entry in resources.files("campaigns.store").joinpath("migrations").iterdir():
         match = _FILE.match(entry.name)
         if match:
             found.append(Migration(int(match[1]), match[2], entry.read_text(encoding="utf-8")))

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+from typing import TypeAlias
 
 import asyncpg
+
+Conn: TypeAlias = asyncpg.Connection | asyncpg.Pool
+"""What a store function runs its statements on: one connection, or any of a pool's."""
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:

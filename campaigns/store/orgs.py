@@ -1,0 +1,71 @@
+"""Orgs, their feature flags and their suppression lists."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from campaigns.store._pool import Conn
+
+_EXISTS = "SELECT id FROM orgs WHERE id = $1"
+_UPSERT = """INSERT INTO orgs (id, name, verified_domain) VALUES ($1, $2, $3)
+               ON CONFLICT (id) DO UPDATE SET
+                   name = coalesce($4, orgs.name),
+                   verified_domain = coalesce(EXCLUDED.verified_domain, orgs.verified_domain)"""
+_ADD_IF_MISSING = "INSERT INTO orgs (id, name) VALUES ($1, $2) ON CONFLICT DO NOTHING"
+_SET_FLAG = """INSERT INTO org_feature_flags (org_id, flag, state) VALUES ($1, $2, $3)
+               ON CONFLICT (org_id, flag)
+               DO UPDATE SET state = EXCLUDED.state, updated_at = now()"""
+_LIST = """SELECT o.id, o.name, count(a.id) AS audiences FROM orgs o
+               LEFT JOIN audiences a ON a.org_id = o.id GROUP BY o.id ORDER BY o.id"""
+_SUPPRESS = """INSERT INTO suppressions (org_id, email, reason) VALUES ($1, $2, $3)
+               ON CONFLICT (org_id, email) DO UPDATE SET reason = EXCLUDED.reason"""
+_SUPPRESS_NEW = """INSERT INTO suppressions (org_id, email, reason) VALUES ($1, $2, $3)
+               ON CONFLICT DO NOTHING"""
+
+
+@dataclass(frozen=True, slots=True)
+class OrgSummary:
+    """An org as ``campaigns org list`` shows it."""
+
+    id: str
+    name: str
+    audiences: int
+
+
+async def exists(conn: Conn, org: str) -> bool:
+    """Whether the org exists."""
+    return await conn.fetchval(_EXISTS, org) is not None
+
+
+async def upsert(conn: Conn, org: str, *, name: str | None, verified_domain: str | None) -> None:
+    """Create the org, or update it; a None name or domain keeps what it had.
+
+    A new org without a name is named after its id.
+    """
+    await conn.execute(_UPSERT, org, name or org, verified_domain, name)
+
+
+async def add_if_missing(conn: Conn, org: str, name: str) -> None:
+    """Create the org unless it exists (an existing one is left as it is)."""
+    await conn.execute(_ADD_IF_MISSING, org, name)
+
+
+async def set_flag(conn: Conn, org: str, flag: str, state: str) -> None:
+    """Set one of the org's feature flags."""
+    await conn.execute(_SET_FLAG, org, flag, state)
+
+
+async def list_all(conn: Conn) -> list[OrgSummary]:
+    """Every org, by id, with its number of audiences."""
+    return [OrgSummary(row["id"], row["name"], row["audiences"]) for row in await conn.fetch(_LIST)]
+
+
+async def suppress(
+    conn: Conn, org: str, emails: Iterable[str], reason: str, *, keep_reason: bool = False
+) -> None:
+    """Suppress ``emails`` for the org; a suppressed address takes the new ``reason``,
+    unless ``keep_reason``."""
+    await conn.executemany(
+        _SUPPRESS_NEW if keep_reason else _SUPPRESS, [(org, email, reason) for email in emails]
+    )
