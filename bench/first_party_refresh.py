@@ -147,14 +147,14 @@ def report(rows: list[dict], pairs: int) -> None:
     """One line per org count: median (lowest–highest) of each figure over the pairs."""
     print(f"\nmedian (lowest–highest) of {pairs} pairs, one statement then one query per org")
     print(
-        f"{'orgs':>8} {'first-party':>12} {'one statement':>22} {'unchanged':>22} "
+        f"{'orgs':>8} {'first-party':>12} {'one statement':>24} {'unchanged':>24} "
         f"{'one query per org':>26} {'ratio':>16}"
     )
     for row in rows:
         print(
             f"{row['orgs']:>8,} {row['first_party']:>12,} "
-            f"{format_spread(row['changed_ms'], '.1f', ' ms'):>22} "
-            f"{format_spread(row['unchanged_ms'], '.1f', ' ms'):>22} "
+            f"{format_spread(row['changed_ms'], '.1f', ' ms'):>24} "
+            f"{format_spread(row['unchanged_ms'], '.1f', ' ms'):>24} "
             f"{format_spread(row['per_org_ms'], ',.0f', ' ms'):>26} "
             f"{format_spread(row['ratio'], '.0f', 'x'):>16}"
         )

@@ -337,7 +337,7 @@ def report_size(runs: list[Measurement], postgres_note: str) -> None:
         f"  {'seconds':<{LABEL}}"
         + "".join(f"{format_spread([m.seconds for m in ms], '.2f'):>{CELL}}" for _, ms in paths)
     )
-    print(f"  {'CPU s per 1,000 emails (median)':<{LABEL}}")
+    print("  CPU s per 1,000 emails (median)")
     for name in CPU_ROWS:
         print(
             f"    {name:<{LABEL - 2}}"
