@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import statistics
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -60,6 +61,15 @@ class BenchStack:
                     if time.monotonic() > deadline or child.process.poll() is not None:
                         raise RuntimeError(f"{child.name} did not start: {child.tail()}")
                     time.sleep(0.05)
+
+    def service_pid(self, name: str) -> int:
+        """The pid of one of the stack's services (as ``stack.json`` lists them)."""
+        return self.state["services"][name]
+
+    @property
+    def private_postgres(self) -> bool:
+        """Whether the stack runs its own embedded PostgreSQL (no ``DATABASE_URL``)."""
+        return self.stack.config.database_url is None
 
     def peak_rss_mib(self) -> float:
         """Largest peak resident set (VmHWM) among the workers, in MiB."""
@@ -147,3 +157,20 @@ def _log_count(path: Path, text: str) -> int:
         return path.read_text(errors="replace").count(text)
     except FileNotFoundError:
         return 0
+
+
+def spread(values: list[float]) -> tuple[float, float, float]:
+    """(median, lowest, highest) of repeated measurements."""
+    return statistics.median(values), min(values), max(values)
+
+
+def spread_dict(values: list[float]) -> dict[str, float]:
+    """``spread`` for a JSON result."""
+    middle, low, high = spread(values)
+    return {"median": middle, "min": low, "max": high}
+
+
+def format_spread(values: list[float], fmt: str = ",.0f", unit: str = "") -> str:
+    """``median (low–high)`` of repeated measurements, e.g. ``21,562 (19,001–23,470)``."""
+    middle, low, high = spread(values)
+    return f"{middle:{fmt}}{unit} ({low:{fmt}}–{high:{fmt}}{unit})"

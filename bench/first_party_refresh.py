@@ -1,30 +1,33 @@
-"""First-party refresh: one set-based statement against one query per org, same run.
+"""First-party refresh: one set-based statement against one query per org, alternated.
 
 For each org count, a fresh database gets that many orgs with API tokens (1 to 3 each)
 and a ``first_party`` flag (on for about a third), then ``VACUUM ANALYZE`` (what
-autovacuum does to a table that has settled). Then:
+autovacuum does to a table that has settled). After one unmeasured run of each path
+(caches, prepared statements), ``--pairs`` pairs alternate the two paths:
 
-* the one-query path: ``refresh_first_party_orgs``, which computes the set AND
-  publishes it as a new snapshot, median of 5 runs, each after 0.1% of the flags
-  were switched (so it computes and reports a real diff); and median of 5 runs with
-  nothing changed (the diff is skipped);
+* the one-statement path: ``refresh_first_party_orgs``, which computes the set AND
+  publishes it as a new snapshot, once after 0.1% of the flags were switched (so it
+  computes and reports a real diff), then once with nothing changed (the diff is
+  skipped);
 * the per-org path, as the old code did it: read every token, then ask for each org's
   flag with its own query, building the set in memory (it publishes nothing, which
-  only flatters it).
+  only flatters it). Every pair checks that both paths find the same set.
 
-The ratio is per-org time over the one-query time with changes.
+The ratio, one per pair, is per-org time over the one-statement time with changes.
+It prints the median and the range (lowest–highest) of each figure over the pairs,
+so that whatever else the machine does falls on both paths and shows as spread.
 
 Uses ``DATABASE_URL``'s server when set, else an embedded PostgreSQL.
 
-    python bench/first_party_refresh.py --orgs 10000 100000
+    python bench/first_party_refresh.py --orgs 10000 100000 --pairs 5
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -35,6 +38,7 @@ import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench._harness import format_spread, spread_dict  # noqa: E402
 from campaigns import db  # noqa: E402
 from campaigns.first_party import (  # noqa: E402
     FIRST_PARTY_FLAG,
@@ -90,7 +94,14 @@ async def per_org_refresh(conn: asyncpg.Connection) -> set[str]:
     return first_party
 
 
-async def measure(admin_url: str, orgs: int) -> dict[str, float]:
+async def timed_per_org_refresh(conn: asyncpg.Connection) -> tuple[float, set[str]]:
+    started = time.perf_counter()
+    first_party = await per_org_refresh(conn)
+    return time.perf_counter() - started, first_party
+
+
+async def measure(admin_url: str, orgs: int, pairs: int) -> dict:
+    """Both paths on a fresh database of ``orgs`` orgs, alternated ``pairs`` times."""
     name = f"bench_first_party_{uuid.uuid4().hex[:8]}"
     admin = await asyncpg.connect(admin_url)
     await admin.execute(f'CREATE DATABASE "{name}"')
@@ -102,22 +113,29 @@ async def measure(admin_url: str, orgs: int) -> dict[str, float]:
         await db.migrate(conn)
         await populate(conn, orgs)
         await refresh_first_party_orgs(conn)  # the first snapshot
-        changed = []
-        for run in range(5):
-            await switch_flags(conn, run)
+        await per_org_refresh(conn)  # warm both paths up, unmeasured
+        changed, unchanged, per_org, ratios = [], [], [], []
+        for pair in range(pairs):
+            # A different slice every pair (0.1% each), so each run has a real diff.
+            await switch_flags(conn, pair % 1000)
             changed.append(await timed_refresh(conn))
-        unchanged = [await timed_refresh(conn) for _ in range(5)]
-        started = time.perf_counter()
-        old_set = await per_org_refresh(conn)
-        per_org = time.perf_counter() - started
-        current = await read_current(conn)
-        assert current is not None and current.org_ids == old_set, "the two paths disagree"
+            unchanged.append(await timed_refresh(conn))
+            seconds, old_set = await timed_per_org_refresh(conn)
+            per_org.append(seconds)
+            ratios.append(seconds / changed[-1])
+            current = await read_current(conn)
+            assert current is not None and current.org_ids == old_set, "the two paths disagree"
+        print(
+            f"  {orgs:>8,} orgs: ratio per pair {', '.join(f'{r:.0f}' for r in ratios)}",
+            flush=True,
+        )
         return {
             "orgs": orgs,
             "first_party": len(old_set),
-            "changed_ms": statistics.median(changed) * 1000,
-            "unchanged_ms": statistics.median(unchanged) * 1000,
-            "per_org_ms": per_org * 1000,
+            "changed_ms": [t * 1000 for t in changed],
+            "unchanged_ms": [t * 1000 for t in unchanged],
+            "per_org_ms": [t * 1000 for t in per_org],
+            "ratio": ratios,
         }
     finally:
         await conn.close()
@@ -125,10 +143,32 @@ async def measure(admin_url: str, orgs: int) -> dict[str, float]:
         await admin.close()
 
 
+def report(rows: list[dict], pairs: int) -> None:
+    """One line per org count: median (lowest–highest) of each figure over the pairs."""
+    print(f"\nmedian (lowest–highest) of {pairs} pairs, one statement then one query per org")
+    print(
+        f"{'orgs':>8} {'first-party':>12} {'one statement':>24} {'unchanged':>24} "
+        f"{'one query per org':>26} {'ratio':>16}"
+    )
+    for row in rows:
+        print(
+            f"{row['orgs']:>8,} {row['first_party']:>12,} "
+            f"{format_spread(row['changed_ms'], '.1f', ' ms'):>24} "
+            f"{format_spread(row['unchanged_ms'], '.1f', ' ms'):>24} "
+            f"{format_spread(row['per_org_ms'], ',.0f', ' ms'):>26} "
+            f"{format_spread(row['ratio'], '.0f', 'x'):>16}"
+        )
+
+
 async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--orgs", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--pairs", type=int, default=5, help="alternations of the two paths")
     args = parser.parse_args()
+    if args.pairs < 1:
+        parser.error("--pairs must be at least 1")
     configure_logging("WARNING", "console")
     server = None
     admin_url = os.environ.get("DATABASE_URL")
@@ -139,19 +179,26 @@ async def main() -> None:
             Path(tempfile.mkdtemp(prefix="campaigns-fp-bench-")) / "pg", cleanup_mode="delete"
         )
         admin_url = server.get_uri()
-    rows = [await measure(admin_url, orgs) for orgs in args.orgs]
-    print(
-        f"\n{'orgs':>8} {'first-party':>12} {'one query':>11} {'unchanged':>11} "
-        f"{'per org':>11} {'ratio':>7}"
-    )
-    for row in rows:
-        ratio = row["per_org_ms"] / row["changed_ms"]
-        print(
-            f"{row['orgs']:>8,} {row['first_party']:>12,} {row['changed_ms']:>8.1f} ms "
-            f"{row['unchanged_ms']:>8.1f} ms {row['per_org_ms']:>8.0f} ms {ratio:>6.0f}x"
-        )
-    if server is not None:
-        server.cleanup()
+    try:
+        rows = [await measure(admin_url, orgs, args.pairs) for orgs in args.orgs]
+    finally:
+        if server is not None:
+            server.cleanup()
+    report(rows, args.pairs)
+    results = Path(__file__).parent / "results"
+    results.mkdir(exist_ok=True)
+    out = results / f"first-party-refresh-{'-'.join(map(str, args.orgs))}.json"
+    summary = [
+        {
+            "orgs": row["orgs"],
+            "first_party": row["first_party"],
+            **{key: spread_dict(row[key]) for key in ("changed_ms", "unchanged_ms", "per_org_ms")},
+            "ratio": spread_dict(row["ratio"]),
+        }
+        for row in rows
+    ]
+    out.write_text(json.dumps({"pairs": args.pairs, "summary": summary, "runs": rows}, indent=2))
+    print(f"saved {out}")
 
 
 if __name__ == "__main__":
