@@ -163,6 +163,8 @@ class PlanningActivities:
         if self._client is None:
             raise RuntimeError("reading a workflow's input needs a Temporal client")
         info = activity.info()
+        if info.workflow_id is None:
+            raise RuntimeError("prepare_campaign runs only as a workflow's activity")
         handle = self._client.get_workflow_handle(info.workflow_id, run_id=info.workflow_run_id)
         async for event in handle.fetch_history_events(page_size=1):
             payloads = event.workflow_execution_started_event_attributes.input.payloads
@@ -211,7 +213,9 @@ class PlanningActivities:
         ``request`` is a bare campaign id in runs of older versions.
         """
         if isinstance(request, str):
-            request = AbandonFailedInput.model_construct(campaign_id=request, org=None)
-        abandoned = await ledger.abandon_failed(self._pool, request.campaign_id, request.org)
-        log.info("recipients abandoned", campaign_id=request.campaign_id, abandoned=abandoned)
+            campaign_id, org = request, None
+        else:
+            campaign_id, org = request.campaign_id, request.org
+        abandoned = await ledger.abandon_failed(self._pool, campaign_id, org)
+        log.info("recipients abandoned", campaign_id=campaign_id, abandoned=abandoned)
         return abandoned

@@ -295,7 +295,10 @@ class SendingActivities:
         fresh: list[RecipientRow] = []
         for row in rows:
             status = row.status
-            if row.execution_id == batch.execution_id and row.round == batch.round:
+            if status is not None and (row.execution_id, row.round) == (
+                batch.execution_id,
+                batch.round,
+            ):
                 counts[DeliveryStatus(status)] += 1  # decided by an earlier attempt
                 continue
             if status == DeliveryStatus.SENT:

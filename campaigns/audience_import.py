@@ -402,6 +402,7 @@ class _RowChecker:
                         continue  # blank line
                 self.rows_read += 1
                 first_line = records.first_line
+                shape: str | None
                 if row is None:
                     shape, email = error or "cannot be read", ""
                 elif records.eof_in_quotes:

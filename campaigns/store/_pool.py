@@ -6,8 +6,9 @@ import json
 from typing import TypeAlias
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
-Conn: TypeAlias = asyncpg.Connection | asyncpg.Pool
+Conn: TypeAlias = asyncpg.Connection | asyncpg.Pool | PoolConnectionProxy
 """What a store function runs its statements on: one connection, or any of a pool's."""
 
 

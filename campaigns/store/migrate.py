@@ -14,6 +14,8 @@ from importlib import resources
 
 import asyncpg
 
+from campaigns.store._pool import Conn
+
 _LOCK_KEY = 0x63616D70  # "camp": serializes concurrent migrators
 _FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
@@ -88,7 +90,7 @@ async def migrate(conn: asyncpg.Connection) -> list[str]:
     return applied_now
 
 
-async def require_current_schema(conn: asyncpg.Connection | asyncpg.Pool) -> None:
+async def require_current_schema(conn: Conn) -> None:
     """Raise ``SchemaOutOfDate`` unless every migration has been applied."""
     try:
         version = await conn.fetchval("SELECT max(version) FROM schema_migrations")
