@@ -31,8 +31,8 @@ from pydantic import ValidationError
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities._batch_triage import triage
 from activities.planning import scope_problem
-from campaigns.addresses import is_valid_address
 from campaigns.contract import (
     INVALID_SPEC_ERROR,
     PROVIDER_AUTH_ERROR,
@@ -59,7 +59,6 @@ from campaigns.templates import CompiledTemplate, compile_template
 log = structlog.get_logger(__name__)
 
 REQUESTS_IN_FLIGHT_PER_BATCH = 10
-_RETRIED = (DeliveryStatus.FAILED, DeliveryStatus.ABANDONED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,38 +287,19 @@ class SendingActivities:
         for plan in await ledger.read_plan(self._pool, _plan_scope(batch)):
             planned.update(dict.fromkeys(plan.recipient_ids, plan.request_key))
 
-        counts = {status: 0 for status in DeliveryStatus}
-        skipped = 0
+        sorted_rows = triage(rows, planned, execution_id=batch.execution_id, round=batch.round)
+        counts, skipped = sorted_rows.decided, sorted_rows.skipped
         outcomes = _Outcomes()
-        groups: dict[str, list[RecipientRow]] = {}
-        fresh: list[RecipientRow] = []
-        for row in rows:
-            status = row.status
-            if status is not None and (row.execution_id, row.round) == (
-                batch.execution_id,
-                batch.round,
-            ):
-                counts[DeliveryStatus(status)] += 1  # decided by an earlier attempt
-                continue
-            if status == DeliveryStatus.SENT:
-                skipped += 1  # delivered by an earlier execution of this campaign
-                continue
-            # A recipient that an earlier request may have reached goes out again in
-            # that request, under its key, so the provider can replay it.
-            key = planned.get(row.id) or (row.request_key if status in _RETRIED else None)
-            if key:
-                groups.setdefault(key, []).append(row)
-            elif row.suppressed:
-                outcomes.add(row.id, DeliveryStatus.SUPPRESSED)
-            elif not is_valid_address(row.email):
-                outcomes.add(
-                    row.id,
-                    DeliveryStatus.REJECTED,
-                    error="invalid email address",
-                    code="invalid email address",
-                )
-            else:
-                fresh.append(row)
+        for recipient_id in sorted_rows.suppressed:
+            outcomes.add(recipient_id, DeliveryStatus.SUPPRESSED)
+        for recipient_id in sorted_rows.invalid:
+            outcomes.add(
+                recipient_id,
+                DeliveryStatus.REJECTED,
+                error="invalid email address",
+                code="invalid email address",
+            )
+        fresh, groups = sorted_rows.fresh, sorted_rows.resend
         new = [
             _Request.new(campaign.campaign_id, fresh[i : i + batch.batch_size])
             for i in range(0, len(fresh), batch.batch_size)
