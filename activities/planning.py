@@ -87,9 +87,9 @@ async def check_scope(
 
 
 def cut_into_batches(
-    rows: list[tuple[int, int | None]], after_id: int, batch_size: int, *, last_page: bool
+    rows: list[tuple[int, int | None]], after_id: int, per_range: int, *, last_page: bool
 ) -> list[BatchRange]:
-    """Cut ``(id, request_last_id)`` rows, in id order, into ranges of about ``batch_size``.
+    """Cut ``(id, request_last_id)`` rows, in id order, into ranges of about ``per_range``.
 
     ``request_last_id`` is set on a recipient an earlier provider request carried and
     failed: the last recipient id of that request. A range never ends inside such a
@@ -102,7 +102,7 @@ def cut_into_batches(
     for recipient_id, request_last_id in rows:
         size += 1
         open_until = max(open_until, request_last_id or recipient_id)
-        if size >= batch_size and recipient_id >= open_until:
+        if size >= per_range and recipient_id >= open_until:
             ranges.append(BatchRange(after_id=start, last_id=recipient_id, size=size))
             start, size = recipient_id, 0
     if size and (last_page or not ranges):
@@ -188,8 +188,8 @@ class PlanningActivities:
                 the org is not the campaign's.
         """
         await check_scope(self._pool, request.campaign_id, request.org, request.audience_id)
-        batches = max(1, min(request.max_batches, MAX_PAGE_ROWS // request.batch_size))
-        limit = request.batch_size * batches
+        batches = max(1, min(request.max_batches, MAX_PAGE_ROWS // request.recipients_per_activity))
+        limit = request.recipients_per_activity * batches
         rows = await ledger.page(
             self._pool,
             source=request.source,
@@ -202,7 +202,7 @@ class PlanningActivities:
         return cut_into_batches(
             [(row.id, row.request_last_id) for row in rows],
             request.after_id,
-            request.batch_size,
+            request.recipients_per_activity,
             last_page=len(rows) < limit,
         )
 

@@ -17,6 +17,7 @@ from enum import StrEnum
 from typing import Annotated, Literal
 
 from pydantic import (
+    AliasChoices,
     AwareDatetime,
     BaseModel,
     ConfigDict,
@@ -387,7 +388,12 @@ class PlanBatchesInput(_Model):
         description="'audience' pages recipients; 'ledger' pages soft-failed deliveries."
     )
     after_id: int
-    batch_size: int
+    recipients_per_activity: int = Field(
+        # Runs of older versions named it batch_size, which means emails per request
+        # everywhere else.
+        validation_alias=AliasChoices("recipients_per_activity", "batch_size"),
+        description="Recipients per range: what one batch activity handles.",
+    )
     max_batches: int
 
 
@@ -403,7 +409,7 @@ class SendBatchInput(_Model):
     source: Literal["audience", "ledger"]
     round: int = Field(ge=0, description="0 for the first pass, n for the n-th retry round.")
     range: BatchRange
-    batch_size: int
+    batch_size: int = Field(description="Emails per provider request, as in the spec.")
 
 
 class BatchOutcome(_Model):

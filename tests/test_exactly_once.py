@@ -98,7 +98,7 @@ async def plan_ranges(pool: asyncpg.Pool, spec, plan, source: str, size: int) ->
             audience_id=plan.audience_id,
             source=source,
             after_id=0,
-            batch_size=size,
+            recipients_per_activity=size,
             max_batches=20,
         )
     )
