@@ -188,7 +188,7 @@ async def send_plain_loop(ctx: Context, spec: CampaignSpec) -> int:
                 audience_id=plan.audience_id,
                 source="audience",
                 after_id=cursor,
-                batch_size=spec.recipients_per_activity,
+                recipients_per_activity=spec.recipients_per_activity,
                 max_batches=max(2 * spec.window, 4),
             )
         )
