@@ -190,3 +190,14 @@ async def record_histories(request: pytest.FixtureRequest) -> AsyncIterator[None
         history = await handle.fetch_history()
         name = f"{request.node.name}-{execution.run_id[-8:]}.json".replace("/", "_")
         (HISTORIES / name).write_text(history.to_json())
+
+
+@pytest.fixture
+async def own_db(pg_admin_url: str) -> AsyncIterator[asyncpg.Pool]:
+    """A pool on a database of the test's own: no other test's orgs or snapshots."""
+    async with migrated_database(pg_admin_url) as url:
+        pool = await db.create_pool(url, max_size=5)
+        try:
+            yield pool
+        finally:
+            await pool.close()
