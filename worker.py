@@ -25,6 +25,7 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from activities import (
+    AutomaticHeartbeats,
     BoundedFailures,
     MaintenanceActivities,
     PlanningActivities,
@@ -40,6 +41,7 @@ from campaigns.temporal import connect
 from workflows import CampaignWorkflow, RefreshFirstPartyOrgsWorkflow
 
 log = structlog.get_logger("worker")
+STICKY_QUEUE_TIMEOUT = timedelta(seconds=4)
 
 
 def build_workers(
@@ -86,7 +88,11 @@ def build_workers(
                     seconds=settings.worker_graceful_shutdown_seconds
                 ),
                 workflow_task_executor=ThreadPoolExecutor(max_workers=4),
-                interceptors=[BoundedFailures()],
+                # A workflow task for a worker that died waits this long on its sticky
+                # queue before any worker may take it (default 10 s): part of the
+                # pause a crash causes, while a cache miss only costs a replay.
+                sticky_queue_schedule_to_start_timeout=STICKY_QUEUE_TIMEOUT,
+                interceptors=[BoundedFailures(), AutomaticHeartbeats()],
             )
         )
     if "maintenance" in roles:

@@ -56,8 +56,13 @@ with workflow.unsafe.imports_passed_through():
 
 # Permanent problems: retrying cannot help, so they stop the campaign at once.
 NON_RETRYABLE = [INVALID_SPEC_ERROR, PROVIDER_AUTH_ERROR, PROVIDER_CONFIG_ERROR]
+# Short database steps. The worker heartbeats for them (activities/_heartbeat.py), so
+# a worker that dies holding one is noticed within one or two heartbeat timeouts (the
+# server checks on a timer), not after a minute; they report nothing, so a short
+# timeout costs little. Timeouts are not part of what Temporal checks on replay.
 DATABASE_STEP = dict(
     start_to_close_timeout=timedelta(minutes=1),
+    heartbeat_timeout=timedelta(seconds=4),
     retry_policy=RetryPolicy(
         initial_interval=timedelta(seconds=1),
         maximum_interval=timedelta(seconds=30),
