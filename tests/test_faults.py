@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 from temporalio.api.enums.v1 import PendingActivityState
@@ -166,3 +168,114 @@ async def test_a_worker_killed_in_a_database_step_stalls_the_campaign_for_second
     assert result.state is CampaignState.COMPLETED
     assert result.counts.sent == 200
     assert set((await sim.deliveries()).values()) == {1}
+
+
+class Forwarder:
+    """A TCP forwarder on a fixed local port to ``target``; ``cut()`` drops every
+    connection and stops listening, as a network fault or a server going away would."""
+
+    def __init__(self, port: int, target: str) -> None:
+        host, _, target_port = target.rpartition(":")
+        self.port, self.target = port, (host.strip("[]"), int(target_port))
+        self.server: asyncio.Server | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> Forwarder:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        return self
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            upstream_reader, upstream_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.close()
+            return
+        self.writers |= {writer, upstream_writer}
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            try:
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            except OSError:
+                pass
+            finally:
+                sink.close()
+
+        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
+
+    async def cut(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for writer in self.writers:
+            writer.transport.abort()
+        self.writers.clear()
+        if self.server is not None:
+            await self.server.wait_closed()
+            self.server = None
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def with_port(database_url: str, port: int) -> str:
+    """``database_url`` pointed at 127.0.0.1:``port``."""
+    parts = urlsplit(database_url)
+    user = f"{parts.username}@" if parts.username else ""
+    if parts.password:
+        user = f"{parts.username}:{parts.password}@"
+    return urlunsplit(parts._replace(netloc=f"{user}127.0.0.1:{port}"))
+
+
+def upstream_of(database_url: str) -> str:
+    parts = urlsplit(database_url)
+    return f"{parts.hostname or '127.0.0.1'}:{parts.port or 5432}"
+
+
+async def test_worker_waits_for_postgresql_and_temporal_then_starts(
+    settings: Settings,
+    worker_process: Callable[[], WorkerProcess],  # noqa: F811
+) -> None:
+    database_url = settings.database_url or ""
+    pg_port, temporal_port = free_port(), free_port()
+    worker = worker_process()
+    worker.env["DATABASE_URL"] = with_port(database_url, pg_port)
+    worker.env["TEMPORAL_ADDRESS"] = f"127.0.0.1:{temporal_port}"
+    await worker.start()
+    assert worker.process is not None
+
+    def logged(text: str, times: int = 1) -> Callable[[], Awaitable[bool]]:
+        async def check() -> bool:
+            assert worker.process is not None and worker.process.returncode is None, worker.log()
+            return worker.log().count(text) >= times
+
+        return check
+
+    # Nothing listens yet: it says what it waits for, backs off, and stays up.
+    await poll(logged("waiting for PostgreSQL", times=2), within=60)
+    forwarders = [await Forwarder(pg_port, upstream_of(database_url)).start()]
+    try:
+        await poll(logged(f"waiting for Temporal at 127.0.0.1:{temporal_port}", 2), within=60)
+        forwarders.append(await Forwarder(temporal_port, settings.temporal_address).start())
+        await poll(logged("worker started"), within=60)
+        assert await worker.signal(signal.SIGTERM) == 0
+        assert "worker stopped" in worker.log()
+    finally:
+        for forwarder in forwarders:
+            await forwarder.cut()
+
+
+async def test_a_configuration_error_stops_the_worker_at_once_with_the_reason(
+    settings: Settings,
+    worker_process: Callable[[], WorkerProcess],  # noqa: F811
+) -> None:
+    worker = worker_process()
+    worker.env["WORKER_QUEUES"] = "campaigns,bogus"
+    await worker.start()
+    assert worker.process is not None
+    assert await asyncio.wait_for(worker.process.wait(), timeout=60) == 2
+    assert "unknown worker queue(s) bogus" in worker.log()
+    assert "waiting for" not in worker.log()

@@ -441,7 +441,12 @@ class CampaignWorkflow:
 
     @workflow.query
     def status(self) -> CampaignStatus:
-        """Progress, rate, ETA, controls and errors, as of the workflow's last step."""
+        """Progress, rate, ETA, controls and errors, as of the workflow's last step.
+
+        A paused campaign sends nothing, so it shows no rate and no ETA.
+        """
+        if self._status.state is CampaignState.PAUSED:
+            return self._status.model_copy(update={"rate_per_second": 0.0, "eta_seconds": None})
         return self._status
 
     @property
@@ -486,7 +491,9 @@ class CampaignWorkflow:
             f"sent {counts.sent:,} · failed {counts.failed:,} · rejected {counts.rejected:,} · "
             f"suppressed {counts.suppressed:,} · skipped {counts.skipped:,} · "
             f"abandoned {counts.abandoned:,}",
-            f"{status.rate_per_second:,.0f} emails/s"
+            "paused: no batch starts until it is resumed"
+            if status.state is CampaignState.PAUSED
+            else f"{status.rate_per_second:,.0f} emails/s over the last {RATE_WINDOW_SECONDS:.0f}s"
             + (f" · ETA {status.eta_seconds:,.0f}s" if status.eta_seconds else ""),
         ]
         if controls is not None:
