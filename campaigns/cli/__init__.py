@@ -299,12 +299,13 @@ def _failure(label: str, exc: BaseException) -> Text:
 
 def _unreachable(exc: BaseException) -> str:
     """A connection or file error in our words (OSError's text carries no class name)."""
-    if isinstance(exc, ConnectionError | TimeoutError) or "connect" in str(exc).lower():
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    if isinstance(exc, ConnectionError | TimeoutError) or "connect" in text.lower():
         return (
-            f"cannot reach the database ({exc}); start the local stack with "
+            f"cannot reach the database ({text}); start the local stack with "
             "`campaigns stack up` or check DATABASE_URL"
         )
-    return str(exc) or "the operation failed with no message"
+    return text or "the operation failed with no message"
 
 
 def main(argv: list[str] | None = None) -> None:
