@@ -14,17 +14,21 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import AsyncIterator, Iterable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import timedelta
+from typing import TypeVar
 
 import asyncpg
 import structlog
+from pydantic import ValidationError
 from temporalio.client import Client
 from temporalio.worker import Worker
 
 from activities import (
+    AutomaticHeartbeats,
     BoundedFailures,
     MaintenanceActivities,
     PlanningActivities,
@@ -40,6 +44,8 @@ from campaigns.temporal import connect
 from workflows import CampaignWorkflow, RefreshFirstPartyOrgsWorkflow
 
 log = structlog.get_logger("worker")
+T = TypeVar("T")
+STICKY_QUEUE_TIMEOUT = timedelta(seconds=4)
 
 
 def build_workers(
@@ -86,7 +92,11 @@ def build_workers(
                     seconds=settings.worker_graceful_shutdown_seconds
                 ),
                 workflow_task_executor=ThreadPoolExecutor(max_workers=4),
-                interceptors=[BoundedFailures()],
+                # A workflow task for a worker that died waits this long on its sticky
+                # queue before any worker may take it (default 10 s): part of the
+                # pause a crash causes, while a cache miss only costs a replay.
+                sticky_queue_schedule_to_start_timeout=STICKY_QUEUE_TIMEOUT,
+                interceptors=[BoundedFailures(), AutomaticHeartbeats()],
             )
         )
     if "maintenance" in roles:
@@ -128,22 +138,129 @@ def provider_from(settings: Settings) -> ProviderClient:
     )
 
 
+class ConfigurationError(Exception):
+    """A setting that waiting cannot fix: the worker exits at once, saying which."""
+
+
+RETRY_FIRST_SECONDS = 1.0
+RETRY_MAX_SECONDS = 30.0
+SCHEMA_WAIT_SECONDS = 600.0
+"""How long a schema behind the code is waited for (migrations may be running)."""
+_ROLES = ("campaigns", "maintenance")
+# SQLSTATEs of a server that is starting, recovering, shutting down or full: wait.
+_TRANSIENT_SQLSTATE_CLASSES = ("08", "57", "53")
+
+
+def queues_from(settings: Settings) -> list[str]:
+    """The roles ``WORKER_QUEUES`` asks for, or a ``ConfigurationError``."""
+    queues = [q.strip() for q in settings.worker_queues.split(",") if q.strip()]
+    unknown = sorted(set(queues) - set(_ROLES))
+    if unknown or not queues:
+        raise ConfigurationError(
+            f"unknown worker queue(s) {', '.join(unknown) or '(none given)'} in WORKER_QUEUES; "
+            "use campaigns, maintenance or both"
+        )
+    return queues
+
+
+def _transient(error: BaseException) -> bool:
+    """Whether waiting may cure ``error`` (a server not up yet, a network fault)."""
+    if isinstance(error, asyncpg.PostgresError):
+        return str(error.sqlstate or "").startswith(_TRANSIENT_SQLSTATE_CLASSES)
+    return isinstance(error, OSError | asyncpg.InterfaceError | db.SchemaOutOfDate | RuntimeError)
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, asyncpg.PostgresError):
+        return f"SQLSTATE {error.sqlstate}: {error}"
+    return str(error) or type(error).__name__
+
+
+async def _ready(
+    what: str,
+    attempt: Callable[[], Awaitable[T]],
+    stop: asyncio.Event,
+    *,
+    give_up_after: float | None = None,
+    note: str = "",
+) -> T | None:
+    """``attempt()``'s result, retried with backoff (1 s doubling to 30 s) while it fails
+    in a way that waiting may cure; None if the worker is told to stop meanwhile.
+
+    Raises:
+        ConfigurationError: the failure is one waiting cannot cure, or it lasted longer
+            than ``give_up_after`` seconds.
+    """
+    delay, since = RETRY_FIRST_SECONDS, time.monotonic()
+    while True:
+        try:
+            return await attempt()
+        except Exception as error:
+            waited = time.monotonic() - since
+            if not _transient(error) or (give_up_after is not None and waited > give_up_after):
+                raise ConfigurationError(f"{what}: {_reason(error)}") from None
+            log.warning(
+                f"waiting for {what}",
+                reason=_reason(error),
+                retry_in_seconds=delay,
+                waited_seconds=round(waited, 1),
+                **({"note": note} if note else {}),
+            )
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=delay)
+            return None
+        except TimeoutError:
+            delay = min(delay * 2, RETRY_MAX_SECONDS)
+
+
 async def run(settings: Settings) -> None:
-    """Run until SIGTERM/SIGINT, then shut down gracefully."""
-    pool = await db.create_pool(
-        settings.require_database_url(),
-        max_size=min(settings.worker_max_concurrent_activities, 32),
-    )
-    provider = provider_from(settings)
+    """Wait for PostgreSQL, its schema and Temporal, then run until SIGTERM/SIGINT and
+    shut down gracefully.
+
+    Raises:
+        ConfigurationError: a setting is missing or wrong (nothing to wait for).
+    """
+    queues = queues_from(settings)
     try:
-        await db.require_current_schema(pool)
-        client = await connect(settings)
-        queues = [q.strip() for q in settings.worker_queues.split(",") if q.strip()]
+        database_url = settings.require_database_url()
+    except RuntimeError as exc:
+        raise ConfigurationError(str(exc)) from None
+    try:
+        provider = provider_from(settings)
+    except RuntimeError as exc:
+        raise ConfigurationError(str(exc)) from None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    pool: asyncpg.Pool | None = None
+    try:
+        pool = await _ready(
+            "PostgreSQL",
+            lambda: db.create_pool(
+                database_url, max_size=min(settings.worker_max_concurrent_activities, 32)
+            ),
+            stop,
+        )
+        if pool is None:
+            return
+        ready_pool = pool
+        schema = await _ready(
+            "the database schema",
+            lambda: db.require_current_schema(ready_pool),
+            stop,
+            give_up_after=SCHEMA_WAIT_SECONDS,
+            note="the schema is not the one this code needs; migrations may be running "
+            f"(`campaigns db migrate`); waiting up to {SCHEMA_WAIT_SECONDS:.0f}s",
+        )
+        if schema is None and stop.is_set():
+            return
+        client = await _ready(
+            f"Temporal at {settings.temporal_address}", lambda: connect(settings), stop
+        )
+        if client is None:
+            return
         workers = build_workers(client, settings, pool, provider, queues)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
         log.info(
             "worker started",
             queues=queues,
@@ -158,18 +275,29 @@ async def run(settings: Settings) -> None:
         log.info("worker stopped")
     finally:
         await provider.aclose()
-        await pool.close()
+        if pool is not None:
+            await pool.close()
 
 
 def main() -> None:
-    """Entry point: ``python worker.py``."""
-    settings = Settings()
+    """Entry point: ``python worker.py``.
+
+    Exits 2 at once on a configuration error (a missing setting, an unknown queue, a
+    schema still behind after ``SCHEMA_WAIT_SECONDS``); waits for servers that are not
+    reachable yet.
+    """
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        configure_logging("INFO", "auto")
+        log.error("worker cannot start: invalid settings", error=str(exc))
+        raise SystemExit(2) from None
     configure_logging(settings.log_level, settings.log_format)
     try:
         asyncio.run(run(settings))
-    except (RuntimeError, db.SchemaOutOfDate, OSError) as exc:
+    except ConfigurationError as exc:
         log.error("worker cannot start", error=str(exc))
-        raise SystemExit(1) from None
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

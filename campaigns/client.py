@@ -200,9 +200,10 @@ class CampaignClient:
             raise CampaignClientError(
                 f"cannot read the status of '{workflow_id}' ({_message(exc)}); is a worker running?"
             ) from None
-        except (ValueError, TypeError) as exc:  # a result or memo that is not a status
+        except (ValueError, TypeError):  # a result or memo that is not a status
             raise CampaignClientError(
-                f"'{workflow_id}' has no readable campaign status ({type(exc).__name__})"
+                f"'{workflow_id}' has no readable campaign status (its result and memo are "
+                "not a campaign status: is it a campaign workflow?)"
             ) from None
 
     async def list(
@@ -244,9 +245,9 @@ class CampaignClient:
             ) from None
         except WorkflowUpdateFailedError as exc:
             raise ControlRefused(_message(exc.cause)) from None
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError):
             raise CampaignClientError(
-                f"'{workflow_id}' answered with no campaign status ({type(exc).__name__})"
+                f"'{workflow_id}' answered with something that is not a campaign status"
             ) from None
         except RPCError as exc:
             if exc.status == RPCStatusCode.NOT_FOUND:
@@ -328,9 +329,21 @@ class CampaignClient:
 
 
 def _message(error: BaseException | None) -> str:
-    """A failure's own message, without the exception class name."""
-    message = getattr(error, "message", None)
-    return message if isinstance(message, str) and message else str(error)
+    """A failure's own words, never an exception class name.
+
+    The first non-empty message along the failure's causes, without a leading
+    ``ControlRefused: `` (an error type some failure texts repeat).
+    """
+    seen: BaseException | None = error
+    while seen is not None:
+        message = getattr(seen, "message", None)
+        text = message if isinstance(message, str) else str(seen)
+        kind = getattr(seen, "type", None) or type(seen).__name__
+        text = text.removeprefix(f"{kind}: ").strip()
+        if text:
+            return text
+        seen = seen.__cause__ or getattr(seen, "cause", None)
+    return "no reason given"
 
 
 def _quoted(value: str) -> str:

@@ -7,6 +7,7 @@ the Python client) is held to the same rules.
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Any
 
@@ -27,6 +28,17 @@ from campaigns.store.templates import load_templates
 from campaigns.templates import BUILTIN_FIELDS, TemplateError, fields_used
 
 
+def _json_problem(data: str | bytes) -> str:
+    """Where JSON text stops being JSON: line, column and what was expected."""
+    try:
+        json.loads(data)
+    except json.JSONDecodeError as error:
+        return f"is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}"
+    except ValueError:  # bytes that are not UTF-8
+        return "is not valid JSON: it is not UTF-8 text"
+    return "is not valid JSON"
+
+
 def parse_spec(data: str | bytes | dict[str, Any]) -> CampaignSpec:
     """Parse JSON text or a dict into a spec.
 
@@ -40,7 +52,7 @@ def parse_spec(data: str | bytes | dict[str, Any]) -> CampaignSpec:
             spec = CampaignSpec.model_validate_json(data)
     except ValidationError as exc:
         if any(item["type"] == "json_invalid" for item in exc.errors()):
-            raise InvalidSpec([SpecProblem("spec", "is not valid JSON")]) from None
+            raise InvalidSpec([SpecProblem("spec", _json_problem(data))]) from None
         raise InvalidSpec(problems_from_validation_error(exc)) from None
     templates = spec.templates()
     if templates is not None:

@@ -191,6 +191,26 @@ def check_port_free(port: int, what: str, flag: str, env: str) -> None:
             ) from None
 
 
+def check_ports_free(config: StackConfig) -> None:
+    """Raise ``StackError`` for the first of the stack's ports that is taken."""
+    check_port_free(
+        config.temporal_port, "Temporal frontend", "--temporal-port", "CAMPAIGNS_TEMPORAL_PORT"
+    )
+    check_port_free(config.ui_port, "Temporal Web UI", "--ui-port", "CAMPAIGNS_UI_PORT")
+    check_port_free(
+        config.simulator_port, "provider simulator", "--simulator-port", "CAMPAIGNS_SIMULATOR_PORT"
+    )
+
+
+def _failure_reason(output: str) -> str:
+    """What a supervisor that exited printed as its reason, else the end of its output."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if line.startswith("error:"):
+            return line.removeprefix("error:").strip()
+    return "\n".join(lines[-20:]) or "it exited before it was ready"
+
+
 def read_stack_file(config: StackConfig) -> dict | None:
     """The running stack's state, or None when no stack is running."""
     try:
@@ -284,16 +304,7 @@ class LocalStack:
                 f"a local stack is already running (see {config.stack_file}); "
                 "stop it with `campaigns stack down`"
             )
-        check_port_free(
-            config.temporal_port, "Temporal frontend", "--temporal-port", "CAMPAIGNS_TEMPORAL_PORT"
-        )
-        check_port_free(config.ui_port, "Temporal Web UI", "--ui-port", "CAMPAIGNS_UI_PORT")
-        check_port_free(
-            config.simulator_port,
-            "provider simulator",
-            "--simulator-port",
-            "CAMPAIGNS_SIMULATOR_PORT",
-        )
+        check_ports_free(config)
         api_key = config.provider_api_key or "sim_" + secrets.token_urlsafe(24)
         admin_token = config.simulator_admin_token or "simadm_" + secrets.token_urlsafe(24)
         if admin_token == api_key:
@@ -543,9 +554,12 @@ def start_detached(config: StackConfig, argv: list[str]) -> dict:
     """Start the supervisor in the background; return ``stack.json`` once it is ready."""
     if state := read_stack_file(config):
         return state
+    # A taken port is said at once, alone, before anything starts or is logged.
+    check_ports_free(config)
     private_dir(config.data_dir)
     log_path = config.log_dir / "stack.log"
     with open_private_log(log_path) as out:
+        start_of_this_run = out.seek(0, os.SEEK_END)
         process = subprocess.Popen(
             [sys.executable, "-m", "campaigns.cli", *argv],
             stdout=out,
@@ -561,8 +575,13 @@ def start_detached(config: StackConfig, argv: list[str]) -> dict:
         if state and state.get("pid") == process.pid:
             return state
         if process.poll() is not None:
-            tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-20:])
-            raise StackError(f"the local stack did not start:\n{tail}")
+            # The log is appended to across runs: only this run's lines say why.
+            with log_path.open("rb") as log:
+                log.seek(start_of_this_run)
+                output = log.read().decode(errors="replace")
+            raise StackError(
+                f"the local stack did not start: {_failure_reason(output)} (log: {log_path})"
+            )
         time.sleep(0.2)
     process.terminate()
     raise StackError(f"the local stack was not ready in time; see {log_path}")

@@ -142,6 +142,34 @@ async def test_taken_port_gives_a_clear_error(tmp_path: Path) -> None:
     assert not (tmp_path / "data" / "stack.json").exists()
 
 
+async def test_taken_port_is_said_first_and_alone_when_detached(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    (data_dir / "logs").mkdir(parents=True)
+    (data_dir / "logs" / "stack.log").write_text("a line an earlier run logged\n" * 50)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        code, _, err = await run_cli(
+            stack_env(data_dir),
+            "stack",
+            "up",
+            "--detach",
+            "--temporal-port",
+            str(port),
+            "--ui-port",
+            str(free_port()),
+            "--simulator-port",
+            str(free_port()),
+        )
+    assert code == 1
+    message = " ".join(err.split())
+    assert message.startswith(f"error: port {port} (Temporal frontend) is already in use")
+    assert "--temporal-port" in message
+    assert "earlier run" not in err
+    assert not (data_dir / "stack.json").exists()
+
+
 async def test_stack_runs_the_demo_stops_on_ctrl_c_and_keeps_history(
     tmp_path: Path, stacks: list[asyncio.subprocess.Process]
 ) -> None:

@@ -61,8 +61,13 @@ with workflow.unsafe.imports_passed_through():
 
 # Permanent problems: retrying cannot help, so they stop the campaign at once.
 NON_RETRYABLE = [INVALID_SPEC_ERROR, PROVIDER_AUTH_ERROR, PROVIDER_CONFIG_ERROR]
+# Short database steps. The worker heartbeats for them (activities/_heartbeat.py), so
+# a worker that dies holding one is noticed within one or two heartbeat timeouts (the
+# server checks on a timer), not after a minute; they report nothing, so a short
+# timeout costs little. Timeouts are not part of what Temporal checks on replay.
 DATABASE_STEP = dict(
     start_to_close_timeout=timedelta(minutes=1),
+    heartbeat_timeout=timedelta(seconds=4),
     retry_policy=RetryPolicy(
         initial_interval=timedelta(seconds=1),
         maximum_interval=timedelta(seconds=30),
@@ -444,7 +449,12 @@ class CampaignWorkflow:
 
     @workflow.query
     def status(self) -> CampaignStatus:
-        """Progress, rate, ETA, controls and errors, as of the workflow's last step."""
+        """Progress, rate, ETA, controls and errors, as of the workflow's last step.
+
+        A paused campaign sends nothing, so it shows no rate and no ETA.
+        """
+        if self._status.state is CampaignState.PAUSED:
+            return self._status.model_copy(update={"rate_per_second": 0.0, "eta_seconds": None})
         return self._status
 
     @property
@@ -489,7 +499,9 @@ class CampaignWorkflow:
             f"sent {counts.sent:,} · failed {counts.failed:,} · rejected {counts.rejected:,} · "
             f"suppressed {counts.suppressed:,} · skipped {counts.skipped:,} · "
             f"abandoned {counts.abandoned:,}",
-            f"{status.rate_per_second:,.0f} emails/s"
+            "paused: no batch starts until it is resumed"
+            if status.state is CampaignState.PAUSED
+            else f"{status.rate_per_second:,.0f} emails/s over the last {RATE_WINDOW_SECONDS:.0f}s"
             + (f" · ETA {status.eta_seconds:,.0f}s" if status.eta_seconds else ""),
         ]
         if controls is not None:

@@ -11,8 +11,10 @@ import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import asyncpg
 from rich.console import Console
 from rich.text import Text
+from temporalio.service import RPCError
 
 from campaigns.addresses import is_valid_domain
 from campaigns.audience_import import ImportFailed, audience_name_problem, org_id_problem
@@ -295,6 +297,17 @@ def _failure(label: str, exc: BaseException) -> Text:
     return Text.assemble((label, "red"), " ", literal(exc))
 
 
+def _unreachable(exc: BaseException) -> str:
+    """A connection or file error in our words (OSError's text carries no class name)."""
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    if isinstance(exc, ConnectionError | TimeoutError) or "connect" in text.lower():
+        return (
+            f"cannot reach the database ({text}); start the local stack with "
+            "`campaigns stack up` or check DATABASE_URL"
+        )
+    return text or "the operation failed with no message"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run one command and exit with its status."""
     args = _parser().parse_args(argv)
@@ -311,8 +324,18 @@ def main(argv: list[str] | None = None) -> None:
     except (ControlRefused, CampaignAlreadyRunning, CampaignNotFound) as exc:
         errors.print(_failure("refused:", exc))
         code = 2
-    except (StackError, SchemaOutOfDate, RuntimeError, OSError) as exc:
+    except (StackError, SchemaOutOfDate, RuntimeError) as exc:
         errors.print(_failure("error:", exc))
+        code = 1
+    except RPCError as exc:
+        errors.print(_failure("error:", f"Temporal refused the request: {exc.message}"))
+        code = 1
+    except asyncpg.PostgresError as exc:
+        # Its text may quote rows: the SQLSTATE says what happened without them.
+        errors.print(_failure("error:", f"the database refused it (SQLSTATE {exc.sqlstate})"))
+        code = 1
+    except (OSError, asyncpg.InterfaceError) as exc:
+        errors.print(_failure("error:", _unreachable(exc)))
         code = 1
     except KeyboardInterrupt:
         code = 130
