@@ -245,15 +245,20 @@ async def run(settings: Settings) -> None:
         if pool is None:
             return
         ready_pool = pool
+
+        async def schema_is_current() -> bool:
+            await db.require_current_schema(ready_pool)
+            return True
+
         schema = await _ready(
             "the database schema",
-            lambda: db.require_current_schema(ready_pool),
+            schema_is_current,
             stop,
             give_up_after=SCHEMA_WAIT_SECONDS,
             note="the schema is not the one this code needs; migrations may be running "
             f"(`campaigns db migrate`); waiting up to {SCHEMA_WAIT_SECONDS:.0f}s",
         )
-        if schema is None and stop.is_set():
+        if schema is None:  # told to stop while waiting
             return
         client = await _ready(
             f"Temporal at {settings.temporal_address}", lambda: connect(settings), stop

@@ -113,7 +113,7 @@ class CampaignClient:
         try:
             return await self.temporal.start_workflow(
                 CampaignWorkflow.run,
-                spec,  # type: ignore[arg-type]  # a CampaignInput without carried state
+                spec,  # a CampaignInput without carried state
                 id=workflow_id,
                 task_queue=self.settings.task_queue,
                 static_summary=f"Campaign {spec.campaign_id} · org {spec.org} · "
@@ -237,7 +237,9 @@ class CampaignClient:
         handle = self.temporal.get_workflow_handle(workflow_id)
         try:
             async with asyncio.timeout(ANSWER_TIMEOUT_SECONDS):
-                return await handle.execute_update(update, *args, result_type=CampaignStatus)
+                return await handle.execute_update(
+                    update.__name__, args=args, result_type=CampaignStatus
+                )
         except TimeoutError:
             raise CampaignClientError(
                 f"no worker answered for '{workflow_id}' within {ANSWER_TIMEOUT_SECONDS:.0f}s; "

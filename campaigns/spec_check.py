@@ -51,7 +51,9 @@ def parse_spec(data: str | bytes | dict[str, Any]) -> CampaignSpec:
         else:
             spec = CampaignSpec.model_validate_json(data)
     except ValidationError as exc:
-        if any(item["type"] == "json_invalid" for item in exc.errors()):
+        if not isinstance(data, dict) and any(
+            item["type"] == "json_invalid" for item in exc.errors()
+        ):
             raise InvalidSpec([SpecProblem("spec", _json_problem(data))]) from None
         raise InvalidSpec(problems_from_validation_error(exc)) from None
     templates = spec.templates()

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import ValidationError
 from temporalio import workflow
@@ -65,7 +66,7 @@ NON_RETRYABLE = [INVALID_SPEC_ERROR, PROVIDER_AUTH_ERROR, PROVIDER_CONFIG_ERROR]
 # a worker that dies holding one is noticed within one or two heartbeat timeouts (the
 # server checks on a timer), not after a minute; they report nothing, so a short
 # timeout costs little. Timeouts are not part of what Temporal checks on replay.
-DATABASE_STEP = dict(
+DATABASE_STEP = workflow.ActivityConfig(
     start_to_close_timeout=timedelta(minutes=1),
     heartbeat_timeout=timedelta(seconds=4),
     retry_policy=RetryPolicy(
@@ -76,7 +77,7 @@ DATABASE_STEP = dict(
 )
 # Infrastructure faults (database, worker crash, network) retry until they clear; a
 # dead worker's batch is noticed within the heartbeat timeout and resumed elsewhere.
-BATCH_STEP = dict(
+BATCH_STEP = workflow.ActivityConfig(
     start_to_close_timeout=timedelta(minutes=10),
     heartbeat_timeout=timedelta(seconds=10),
     retry_policy=RetryPolicy(
@@ -256,7 +257,7 @@ class CampaignWorkflow:
             seen = self._wake
             try:
                 await workflow.wait_condition(
-                    lambda seen=seen: self._wake != seen, timeout=delay, timeout_summary="send_at"
+                    self._woken_since(seen), timeout=delay, timeout_summary="send_at"
                 )
             except TimeoutError:
                 break
@@ -314,7 +315,9 @@ class CampaignWorkflow:
         """
         controls = self._controls
         self._set_state(CampaignState.PAUSED if controls.paused else CampaignState.RUNNING)
-        source = "ledger" if carried.round > 0 or spec.send_to == "failed" else "audience"
+        source: Literal["audience", "ledger"] = (
+            "ledger" if carried.round > 0 or spec.send_to == "failed" else "audience"
+        )
         ranges: deque[BatchRange] = deque()
         plan_cursor, exhausted = carried.cursor, False
         started_here, next_start = 0, workflow.time()
@@ -379,8 +382,7 @@ class CampaignWorkflow:
             seen = self._wake
             try:
                 await workflow.wait_condition(
-                    lambda seen=seen: self._wake != seen or any(t.done() for t in self._in_flight),
-                    timeout=wake_in,
+                    self._woken_or_batch_done_since(seen), timeout=wake_in
                 )
             except TimeoutError:
                 pass  # the rate limit allows the next batch now
@@ -400,14 +402,18 @@ class CampaignWorkflow:
         )
 
     def _start_batch(
-        self, spec: CampaignSpec, carried: CarriedState, source: str, batch_range: BatchRange
+        self,
+        spec: CampaignSpec,
+        carried: CarriedState,
+        source: Literal["audience", "ledger"],
+        batch_range: BatchRange,
     ) -> None:
         batch = SendBatchInput(
             campaign_id=spec.campaign_id,
             org=spec.org,
             execution_id=carried.execution_id,
             audience_id=carried.plan.audience_id,
-            source=source,  # type: ignore[arg-type]
+            source=source,
             round=carried.round,
             range=batch_range,
             batch_size=spec.batch_size,
@@ -418,13 +424,29 @@ class CampaignWorkflow:
                     SEND_BATCH,
                     batch,
                     result_type=BatchOutcome,
-                    summary=f"round {carried.round}: recipients "
-                    f"{batch_range.after_id + 1}..{batch_range.last_id}",
-                    **BATCH_STEP,
+                    **self._batch_step(carried, batch_range),
                 )
             )
         )
         self._update_in_flight()
+
+    @staticmethod
+    def _batch_step(carried: CarriedState, batch_range: BatchRange) -> workflow.ActivityConfig:
+        """The batch activity's settings, with a summary the Web UI's timeline shows."""
+        step: workflow.ActivityConfig = {
+            **BATCH_STEP,
+            "summary": f"round {carried.round}: recipients "
+            f"{batch_range.after_id + 1}..{batch_range.last_id}",
+        }
+        return step
+
+    def _woken_since(self, seen: int) -> Callable[[], bool]:
+        """A wait condition: a control changed since wake count ``seen``."""
+        return lambda: self._wake != seen
+
+    def _woken_or_batch_done_since(self, seen: int) -> Callable[[], bool]:
+        """A wait condition: a control changed since ``seen``, or a batch finished."""
+        return lambda: self._wake != seen or any(task.done() for task in self._in_flight)
 
     def _collect(self, done: list[asyncio.Task[BatchOutcome]]) -> str | None:
         """Fold finished batches into the status; return the first failure, if any."""
@@ -685,6 +707,8 @@ def _placeholder(request: Any) -> CampaignInput:
     return CampaignInput.model_construct(
         campaign_id=name if isinstance(name, str) and name else workflow.info().workflow_id,
         org=org if isinstance(org, str) and org else "?",
+        audience="?",
+        from_address="?",
         window=1,
         rate_per_second=None,
         send_at=None,

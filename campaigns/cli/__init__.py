@@ -172,7 +172,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, handler: Handler, help_text: str, parent=commands):  # noqa: ANN001, ANN202
+    def add(name: str, handler: Handler | None, help_text: str, parent=commands):  # noqa: ANN001, ANN202
         sub = parent.add_parser(name, help=help_text, description=help_text)
         sub.set_defaults(handler=handler)
         return sub
@@ -292,7 +292,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _failure(label: str, exc: BaseException) -> Text:
+def _failure(label: str, exc: BaseException | str) -> Text:
     """``label`` in red, then the message literally: it quotes ids, names and file text."""
     return Text.assemble((label, "red"), " ", literal(exc))
 
