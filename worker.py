@@ -34,7 +34,7 @@ from activities import (
     PlanningActivities,
     SendingActivities,
 )
-from campaigns import db
+from campaigns import store
 from campaigns.logs import configure_logging
 from campaigns.provider import ProviderClient
 from campaigns.schedules import MAINTENANCE_TASK_QUEUE, refresh_once
@@ -167,7 +167,9 @@ def _transient(error: BaseException) -> bool:
     """Whether waiting may cure ``error`` (a server not up yet, a network fault)."""
     if isinstance(error, asyncpg.PostgresError):
         return str(error.sqlstate or "").startswith(_TRANSIENT_SQLSTATE_CLASSES)
-    return isinstance(error, OSError | asyncpg.InterfaceError | db.SchemaOutOfDate | RuntimeError)
+    return isinstance(
+        error, OSError | asyncpg.InterfaceError | store.SchemaOutOfDate | RuntimeError
+    )
 
 
 def _reason(error: BaseException) -> str:
@@ -237,7 +239,7 @@ async def run(settings: Settings) -> None:
     try:
         pool = await _ready(
             "PostgreSQL",
-            lambda: db.create_pool(
+            lambda: store.create_pool(
                 database_url, max_size=min(settings.worker_max_concurrent_activities, 32)
             ),
             stop,
@@ -247,7 +249,7 @@ async def run(settings: Settings) -> None:
         ready_pool = pool
 
         async def schema_is_current() -> bool:
-            await db.require_current_schema(ready_pool)
+            await store.require_current_schema(ready_pool)
             return True
 
         schema = await _ready(

@@ -14,7 +14,7 @@ from pathlib import Path
 import asyncpg
 import httpx
 
-from campaigns import db
+from campaigns import store
 from campaigns.settings import Settings
 from campaigns.stack import LocalStack, StackConfig
 
@@ -107,7 +107,7 @@ async def bench_stack(data_dir: Path, workers: int = 1) -> AsyncIterator[BenchSt
     try:
         state = await stack.start()
         assert stack.database_url and stack.simulator_admin_token
-        pool = await db.create_pool(stack.database_url, max_size=16)
+        pool = await store.create_pool(stack.database_url, max_size=16)
         # The simulator's admin API (reset, config, stats) needs the stack's admin token.
         admin = {"Authorization": f"Bearer {stack.simulator_admin_token}"}
         async with httpx.AsyncClient(

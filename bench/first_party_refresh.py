@@ -39,7 +39,7 @@ import asyncpg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._harness import format_spread, spread_dict  # noqa: E402
-from campaigns import db  # noqa: E402
+from campaigns import store  # noqa: E402
 from campaigns.first_party import (  # noqa: E402
     FIRST_PARTY_FLAG,
     read_current,
@@ -108,9 +108,9 @@ async def measure(admin_url: str, orgs: int, pairs: int) -> dict:
     head, _, query = admin_url.partition("?")
     scheme, _, rest = head.partition("://")
     url = f"{scheme}://{rest.split('/', 1)[0]}/{name}" + (f"?{query}" if query else "")
-    conn = await db.connect(url)
+    conn = await store.connect(url)
     try:
-        await db.migrate(conn)
+        await store.migrate(conn)
         await populate(conn, orgs)
         await refresh_first_party_orgs(conn)  # the first snapshot
         await per_org_refresh(conn)  # warm both paths up, unmeasured

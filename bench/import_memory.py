@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from campaigns import db  # noqa: E402
+from campaigns import store  # noqa: E402
 from campaigns.audience_import import import_audience  # noqa: E402
 
 ORG = "bench-import"
@@ -38,7 +38,7 @@ def write_csv(path: Path, rows: int) -> None:
 
 
 async def child(database_url: str, path: Path, audience: str) -> None:
-    conn = await db.connect(database_url)
+    conn = await store.connect(database_url)
     started = time.perf_counter()
     report = await import_audience(conn, ORG, audience, path)
     seconds = time.perf_counter() - started
@@ -58,8 +58,8 @@ async def child(database_url: str, path: Path, audience: str) -> None:
 
 
 async def prepare(database_url: str) -> None:
-    conn = await db.connect(database_url)
-    await db.migrate(conn)
+    conn = await store.connect(database_url)
+    await store.migrate(conn)
     await conn.execute("INSERT INTO orgs (id, name) VALUES ($1, $1) ON CONFLICT DO NOTHING", ORG)
     await conn.close()
 

@@ -32,8 +32,8 @@ from temporalio.common import SearchAttributePair, TypedSearchAttributes
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from campaigns import db
 from campaigns import search_attributes as sa
+from campaigns import store
 from campaigns.models import CampaignSpec, CampaignState, CampaignStatus, rate_problem
 from campaigns.settings import Settings
 from campaigns.spec_check import (
@@ -135,7 +135,7 @@ class CampaignClient:
     async def _stored_by_reference(self, spec: CampaignSpec, workflow_id: str) -> CampaignSpec:
         """Store inline templates and return the spec by reference; check the id's owner."""
         templates = spec.templates()
-        conn = await db.connect(self.settings.require_database_url())
+        conn = await store.connect(self.settings.require_database_url())
         try:
             owner = await campaign_rows.owner(conn, spec.campaign_id)
             if owner is not None and owner != workflow_id:
@@ -271,8 +271,32 @@ class CampaignClient:
         return await self._control(workflow_id, CampaignWorkflow.resume)
 
     async def cancel(self, workflow_id: str) -> CampaignStatus:
-        """Cancel gracefully: in-flight batches finish and are recorded, none start."""
-        return await self._control(workflow_id, CampaignWorkflow.cancel)
+        """Cancel gracefully: in-flight batches finish and are recorded, none start.
+
+        This is Temporal's own cancellation, the same as ``temporal workflow cancel``
+        and the Web UI's Cancel, so a cancelled campaign has one Temporal status,
+        Canceled, however it was cancelled; its summary stays in the memo. Returns the
+        status as the request is made.
+
+        Raises:
+            ControlRefused: the campaign has finished.
+        """
+        status = await self.status(workflow_id)  # refuses unknown ids and non-campaigns
+        if status.done:
+            raise ControlRefused(
+                f"campaign '{workflow_id}' has finished ({status.state.value.lower()}); "
+                "there is nothing to cancel"
+            )
+        try:
+            async with asyncio.timeout(ANSWER_TIMEOUT_SECONDS):
+                await self.temporal.get_workflow_handle(workflow_id).cancel()
+        except TimeoutError:
+            raise CampaignClientError(
+                f"Temporal did not answer within {ANSWER_TIMEOUT_SECONDS:.0f}s"
+            ) from None
+        except RPCError as exc:
+            raise CampaignClientError(f"cannot cancel '{workflow_id}': {exc.message}") from None
+        return status
 
     async def set_window(self, workflow_id: str, window: int) -> CampaignStatus:
         """Change the number of batches in flight."""

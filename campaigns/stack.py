@@ -36,7 +36,7 @@ import httpx
 import structlog
 from temporalio.client import Client
 
-from campaigns import db
+from campaigns import store
 from campaigns.binaries import temporal_cli
 from campaigns.schedules import apply_refresh_schedule
 from campaigns.search_attributes import cli_flags
@@ -335,9 +335,9 @@ class LocalStack:
         self.database_url = database_url
         self.provider_api_key = api_key
         self.simulator_admin_token = admin_token
-        conn = await _wait_for(lambda: db.connect(database_url), "PostgreSQL")
+        conn = await _wait_for(lambda: store.connect(database_url), "PostgreSQL")
         try:
-            applied = await db.migrate(conn)
+            applied = await store.migrate(conn)
         finally:
             await conn.close()
         log.info("database ready", migrations_applied=applied or "none")

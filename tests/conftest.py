@@ -22,8 +22,8 @@ from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
-from campaigns import db
 from campaigns import search_attributes as sa
+from campaigns import store
 from campaigns.binaries import temporal_cli
 from campaigns.provider import ProviderClient
 from campaigns.settings import Settings
@@ -61,8 +61,8 @@ async def migrated_database(admin_url: str) -> AsyncIterator[str]:
     admin = await asyncpg.connect(admin_url)
     await admin.execute(f'CREATE DATABASE "{name}"')
     url = _with_database(admin_url, name)
-    conn = await db.connect(url)
-    await db.migrate(conn)
+    conn = await store.connect(url)
+    await store.migrate(conn)
     await conn.close()
     try:
         yield url
@@ -88,7 +88,7 @@ def _with_database(url: str, name: str) -> str:
 
 @pytest.fixture(scope="session")
 async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await db.create_pool(database_url, max_size=20)
+    pool = await store.create_pool(database_url, max_size=20)
     yield pool
     await pool.close()
 
@@ -196,7 +196,7 @@ async def record_histories(request: pytest.FixtureRequest) -> AsyncIterator[None
 async def own_db(pg_admin_url: str) -> AsyncIterator[asyncpg.Pool]:
     """A pool on a database of the test's own: no other test's orgs or snapshots."""
     async with migrated_database(pg_admin_url) as url:
-        pool = await db.create_pool(url, max_size=5)
+        pool = await store.create_pool(url, max_size=5)
         try:
             yield pool
         finally:

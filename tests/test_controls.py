@@ -9,7 +9,12 @@ from pathlib import Path
 import asyncpg
 import pytest
 from temporalio.api.enums.v1 import EventType
-from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
+from temporalio.client import (
+    Client,
+    WorkflowExecutionStatus,
+    WorkflowFailureError,
+    WorkflowHandle,
+)
 from temporalio.exceptions import CancelledError
 
 from campaigns.client import CampaignClient, ControlRefused
@@ -108,7 +113,10 @@ async def test_cancel_is_graceful_and_the_summary_says_what_was_not_sent(
     await until(handle, lambda s: s.counts.sent >= 100)
 
     await campaigns.cancel(handle.id)
-    result = await handle.result()
+    with pytest.raises(WorkflowFailureError) as failure:
+        await handle.result()  # Temporal's own cancellation, as `temporal workflow cancel`
+    assert isinstance(failure.value.cause, CancelledError)
+    result = await campaigns.status(handle.id)  # the summary, kept in the memo
 
     assert result.state is CampaignState.CANCELLED
     assert 100 <= result.counts.sent < 600
@@ -121,6 +129,8 @@ async def test_cancel_is_graceful_and_the_summary_says_what_was_not_sent(
     assert recorded == result.counts.sent  # in-flight batches finished and were recorded
     with pytest.raises(ControlRefused, match="finished|cancelled"):
         await campaigns.resume(handle.id)
+    execution = await handle.describe()
+    assert execution.status is WorkflowExecutionStatus.CANCELED
 
 
 async def test_temporal_cancel_also_drains_in_flight_batches(
@@ -261,9 +271,12 @@ async def test_controls_that_make_no_sense_are_refused_with_a_reason(
     with pytest.raises(ControlRefused, match="already paused"):
         await campaigns.pause(handle.id)
     await campaigns.cancel(handle.id)
-    await handle.result()
+    with pytest.raises(WorkflowFailureError):
+        await handle.result()
     with pytest.raises(ControlRefused, match="has finished"):
         await campaigns.pause(handle.id)
+    with pytest.raises(ControlRefused, match="nothing to cancel"):
+        await campaigns.cancel(handle.id)
 
 
 async def test_continue_as_new_carries_cursor_counts_and_controls(

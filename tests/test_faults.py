@@ -13,7 +13,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 from temporalio.api.enums.v1 import PendingActivityState
@@ -175,8 +175,9 @@ class Forwarder:
     connection and stops listening, as a network fault or a server going away would."""
 
     def __init__(self, port: int, target: str) -> None:
-        host, _, target_port = target.rpartition(":")
-        self.port, self.target = port, (host.strip("[]"), int(target_port))
+        # ``host:port``, or ``unix:PATH`` for a server that listens on a socket file only
+        # (the embedded PostgreSQL).
+        self.port, self.target = port, target
         self.server: asyncio.Server | None = None
         self.writers: set[asyncio.StreamWriter] = set()
 
@@ -186,7 +187,12 @@ class Forwarder:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            upstream_reader, upstream_writer = await asyncio.open_connection(*self.target)
+            if self.target.startswith("unix:"):
+                opened = await asyncio.open_unix_connection(self.target.removeprefix("unix:"))
+            else:
+                host, _, target_port = self.target.rpartition(":")
+                opened = await asyncio.open_connection(host.strip("[]"), int(target_port))
+            upstream_reader, upstream_writer = opened
         except OSError:
             writer.close()
             return
@@ -227,11 +233,17 @@ def with_port(database_url: str, port: int) -> str:
     user = f"{parts.username}@" if parts.username else ""
     if parts.password:
         user = f"{parts.username}:{parts.password}@"
-    return urlunsplit(parts._replace(netloc=f"{user}127.0.0.1:{port}"))
+    # A socket directory in the query (the embedded server) would win over the netloc.
+    query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k != "host"])
+    return urlunsplit(parts._replace(netloc=f"{user}127.0.0.1:{port}", query=query))
 
 
 def upstream_of(database_url: str) -> str:
+    """Where ``database_url``'s server listens: ``host:port`` or ``unix:PATH``."""
     parts = urlsplit(database_url)
+    socket_dir = dict(parse_qsl(parts.query)).get("host", "")
+    if socket_dir.startswith("/"):
+        return f"unix:{socket_dir}/.s.PGSQL.{parts.port or 5432}"
     return f"{parts.hostname or '127.0.0.1'}:{parts.port or 5432}"
 
 

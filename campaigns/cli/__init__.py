@@ -45,12 +45,12 @@ from campaigns.cli._data import (
 from campaigns.cli._progress import literal
 from campaigns.cli._stack import cmd_demo, cmd_stack_down, cmd_stack_status, cmd_stack_up
 from campaigns.client import CampaignAlreadyRunning, CampaignNotFound, ControlRefused
-from campaigns.db import SchemaOutOfDate
 from campaigns.models import MAX_AUDIENCE_NAME, MAX_WINDOW
 from campaigns.safe_text import control_character_problem
 from campaigns.settings import Settings
 from campaigns.spec_check import InvalidSpec
 from campaigns.stack import StackError
+from campaigns.store import SchemaOutOfDate
 
 Handler = Callable[[argparse.Namespace, Settings, Console], Awaitable[int]]
 

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from campaigns import db
+from campaigns import store
 from campaigns.cli._progress import literal, status_line, summary_table, watch
 from campaigns.client import CampaignClient
 from campaigns.models import CampaignSpec, CampaignState, CampaignStatus
@@ -47,7 +47,7 @@ async def validated_spec(settings: Settings, path: Path) -> CampaignSpec:
     """Parse the spec file and check it against the database."""
     spec = _read_spec(path)
     check_timing(spec, datetime.now(UTC))
-    conn = await db.connect(settings.require_database_url())
+    conn = await store.connect(settings.require_database_url())
     try:
         await check_against_database(conn, spec)
     finally:
@@ -194,7 +194,7 @@ async def cmd_reschedule(args: Namespace, settings: Settings, console: Console) 
 async def cmd_retry_failed(args: Namespace, settings: Settings, console: Console) -> int:
     """``campaigns retry-failed ID``: a new run to the failed and abandoned recipients."""
     client = await CampaignClient.connect(settings)
-    conn = await db.connect(settings.require_database_url())
+    conn = await store.connect(settings.require_database_url())
     try:
         handle, spec = await client.retry_failed(args.workflow_id, conn)
     finally:

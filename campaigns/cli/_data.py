@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from campaigns import db
+from campaigns import store
 from campaigns.addresses import is_valid_address, normalize_address
 from campaigns.audience_import import ImportReport, import_audience
 from campaigns.cli._campaign import CommandError
@@ -22,20 +22,22 @@ MAX_ORG_NAME = 200
 
 async def cmd_migrate(args: Namespace, settings: Settings, console: Console) -> int:
     """``campaigns db migrate``."""
-    conn = await db.connect(settings.require_database_url())
+    conn = await store.connect(settings.require_database_url())
     try:
-        applied = await db.migrate(conn)
+        applied = await store.migrate(conn)
     finally:
         await conn.close()
     console.print(
-        f"applied: {', '.join(applied)}" if applied else f"schema is current (v{db.LATEST_VERSION})"
+        f"applied: {', '.join(applied)}"
+        if applied
+        else f"schema is current (v{store.LATEST_VERSION})"
     )
     return 0
 
 
 async def cmd_org_add(args: Namespace, settings: Settings, console: Console) -> int:
     """``campaigns org add ID [--name NAME] [--verified-domain DOMAIN]`` (idempotent)."""
-    conn = await db.connect(settings.require_database_url())
+    conn = await store.connect(settings.require_database_url())
     try:
         await orgs.upsert(conn, args.org_id, name=args.name, verified_domain=args.verified_domain)
     finally:
@@ -46,7 +48,7 @@ async def cmd_org_add(args: Namespace, settings: Settings, console: Console) -> 
 
 async def cmd_org_flag(args: Namespace, settings: Settings, console: Console) -> int:
     """``campaigns org flag ORG FLAG on|off``; first_party takes effect at the next refresh."""
-    conn = await db.connect(settings.require_database_url())
+    conn = await store.connect(settings.require_database_url())
     try:
         if not await orgs.exists(conn, args.org_id):
             raise CommandError(f"unknown org '{args.org_id}' (add it with `campaigns org add`)", 2)
@@ -61,7 +63,7 @@ async def cmd_org_flag(args: Namespace, settings: Settings, console: Console) ->
 
 async def cmd_org_list(args: Namespace, settings: Settings, console: Console) -> int:
     """``campaigns org list``."""
-    conn = await db.connect(settings.require_database_url())
+    conn = await store.connect(settings.require_database_url())
     try:
         rows = await orgs.list_all(conn)
     finally:
@@ -130,7 +132,7 @@ def print_import_report(report: ImportReport, console: Console) -> None:
 
 async def cmd_audience_import(args: Namespace, settings: Settings, console: Console) -> int:
     """``campaigns audience import --org ORG --name NAME [--replace] FILE.csv``."""
-    conn = await db.connect(settings.require_database_url())
+    conn = await store.connect(settings.require_database_url())
     try:
         report = await import_audience(conn, args.org, args.name, args.file, replace=args.replace)
     finally:
@@ -141,7 +143,7 @@ async def cmd_audience_import(args: Namespace, settings: Settings, console: Cons
 
 async def cmd_audience_list(args: Namespace, settings: Settings, console: Console) -> int:
     """``campaigns audience list [--org ORG]``."""
-    conn = await db.connect(settings.require_database_url())
+    conn = await store.connect(settings.require_database_url())
     try:
         found = await audiences.list_all(conn, args.org)
     finally:
@@ -166,7 +168,7 @@ async def cmd_suppress(args: Namespace, settings: Settings, console: Console) ->
         shown = ", ".join(repr(email) for email in bad[:10])
         more = f" and {len(bad) - 10:,} more" if len(bad) > 10 else ""
         raise CommandError(f"invalid email address: {shown}{more}", code=2)
-    conn = await db.connect(settings.require_database_url())
+    conn = await store.connect(settings.require_database_url())
     try:
         if not await orgs.exists(conn, args.org):
             raise CommandError(f"unknown org '{args.org}'", code=2)

@@ -11,7 +11,7 @@ import httpx
 from rich.console import Console
 from rich.text import Text
 
-from campaigns import db
+from campaigns import store
 from campaigns.audience_import import import_audience
 from campaigns.cli._campaign import CommandError
 from campaigns.cli._data import print_import_report
@@ -98,7 +98,7 @@ async def cmd_demo(args: Namespace, settings: Settings, console: Console) -> int
     spec_path = demo_dir / "spec.json"
     write_private(spec_path, spec.model_dump_json(indent=2, exclude_defaults=True))
 
-    conn = await db.connect(settings.require_database_url())
+    conn = await store.connect(settings.require_database_url())
     try:
         await orgs.add_if_missing(conn, DEMO_ORG, "Demo Org")
         console.print(literal(f"importing {csv_path} ..."))
