@@ -170,6 +170,7 @@ async def test_taken_port_is_said_first_and_alone_when_detached(tmp_path: Path) 
     assert not (data_dir / "stack.json").exists()
 
 
+@pytest.mark.slow
 async def test_stack_runs_the_demo_stops_on_ctrl_c_and_keeps_history(
     tmp_path: Path, stacks: list[asyncio.subprocess.Process]
 ) -> None:

@@ -26,6 +26,8 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
 
+from workflows._progress import RateWindow, details_text, eta_seconds, paced_start
+
 with workflow.unsafe.imports_passed_through():
     from campaigns import search_attributes as sa
     from campaigns.contract import (
@@ -102,8 +104,6 @@ PATCH_FINAL_STATUS_MEMO = "final-status-memo"
 PATCH_TEMPLATES_BY_REFERENCE = "templates-by-reference"
 PATCH_REFUSE_CLIENT_CARRIED_STATE = "refuse-client-carried-state"
 PATCH_REFUSE_FAR_SEND_AT = "refuse-far-send-at"
-RATE_WINDOW_SECONDS = 30.0
-RATE_BURST_SECONDS = 1.0
 
 
 class CampaignFailed(Exception):
@@ -143,7 +143,7 @@ class CampaignWorkflow:
         # A list, not a set: finished batches are folded in start order, the same on
         # every replay (a set of tasks iterates in memory-address order).
         self._in_flight: list[asyncio.Task[BatchOutcome]] = []
-        self._samples: deque[tuple[float, int]] = deque()
+        self._rate = RateWindow()
         self._published_progress = -1
         self._wake = 0  # bumped by every control change so that waits look again
 
@@ -358,11 +358,8 @@ class CampaignWorkflow:
                     if next_start > now:
                         wake_in = next_start - now
                         break
-                    # Credit for at most RATE_BURST_SECONDS of lateness: a timer that
-                    # fires late lets a few batches start at once, keeping the average.
-                    next_start = (
-                        max(next_start, now - RATE_BURST_SECONDS)
-                        + ranges[0].size / controls.rate_per_second
+                    next_start = paced_start(
+                        next_start, now, ranges[0].size, controls.rate_per_second
                     )
                 batch_range = ranges.popleft()
                 self._start_batch(spec, carried, source, batch_range)
@@ -489,15 +486,8 @@ class CampaignWorkflow:
         status.counts.add(outcome)
         if outcome.last_error:
             status.last_error = outcome.last_error
-        now = workflow.time()
-        self._samples.append((now, status.counts.processed))
-        while len(self._samples) > 2 and now - self._samples[0][0] > RATE_WINDOW_SECONDS:
-            self._samples.popleft()
-        first_time, first_count = self._samples[0]
-        elapsed = now - first_time
-        status.rate_per_second = (status.counts.processed - first_count) / elapsed if elapsed else 0
-        remaining = max(0, status.total - status.counts.processed - status.counts.failed)
-        status.eta_seconds = remaining / status.rate_per_second if status.rate_per_second else None
+        status.rate_per_second = self._rate.add(workflow.time(), status.counts.processed)
+        status.eta_seconds = eta_seconds(status)
         self._publish_progress()
 
     def _update_in_flight(self) -> None:
@@ -515,23 +505,7 @@ class CampaignWorkflow:
         if force or percent != self._published_progress:
             self._published_progress = percent
             workflow.upsert_search_attributes([sa.CAMPAIGN_PROGRESS.value_set(float(percent))])
-        counts, controls = status.counts, status.controls
-        lines = [
-            f"**{status.state.value}** · {percent}% of {status.total:,} · round {status.round}",
-            f"sent {counts.sent:,} · failed {counts.failed:,} · rejected {counts.rejected:,} · "
-            f"suppressed {counts.suppressed:,} · skipped {counts.skipped:,} · "
-            f"abandoned {counts.abandoned:,}",
-            "paused: no batch starts until it is resumed"
-            if status.state is CampaignState.PAUSED
-            else f"{status.rate_per_second:,.0f} emails/s over the last {RATE_WINDOW_SECONDS:.0f}s"
-            + (f" · ETA {status.eta_seconds:,.0f}s" if status.eta_seconds else ""),
-        ]
-        if controls is not None:
-            limit = f"{controls.rate_per_second:,.0f}/s" if controls.rate_per_second else "none"
-            lines.append(f"window {controls.window} · rate limit {limit}")
-        if status.last_error:
-            lines.append(f"last error: {status.last_error}")
-        workflow.set_current_details("\n\n".join(lines))
+        workflow.set_current_details(details_text(status, percent))
 
     def _finish(
         self, state: CampaignState, error: str | None = None, error_type: str | None = None
