@@ -291,3 +291,57 @@ async def test_a_configuration_error_stops_the_worker_at_once_with_the_reason(
     assert await asyncio.wait_for(worker.process.wait(), timeout=60) == 2
     assert "unknown worker queue(s) bogus" in worker.log()
     assert "waiting for" not in worker.log()
+
+
+async def test_a_database_outage_mid_campaign_fails_short_and_clear_then_resumes(
+    client: Client,
+    settings: Settings,
+    pool: asyncpg.Pool,
+    sim: SimulatorControl,
+    tmp_path: Path,
+    worker_process: Callable[[], WorkerProcess],  # noqa: F811
+) -> None:
+    org = await make_org(pool)
+    emails = addresses("outage", 400)
+    audience, _ = await make_audience(pool, tmp_path, org, emails)
+    await sim.configure(latency_ms=20)
+    spec = make_spec(org, audience, window=2, recipients_per_activity=50, batch_size=25)
+    database_url = settings.database_url or ""
+    port = free_port()
+    database = await Forwarder(port, upstream_of(database_url)).start()
+    worker = worker_process()
+    worker.env["DATABASE_URL"] = with_port(database_url, port)
+    await worker.start()
+    queue = worker.env["CAMPAIGNS_TASK_QUEUE"]
+    campaigns = CampaignClient(client, settings.model_copy(update={"task_queue": queue}))
+    handle = await campaigns.start(spec)
+    await poll(lambda: _accepted_some(sim), within=60)
+
+    await database.cut()  # the database goes away mid-campaign
+    try:
+
+        async def a_batch_failed() -> bool:
+            pending = (await handle.describe()).raw_description.pending_activities
+            return any(activity.attempt >= 2 for activity in pending)
+
+        await poll(a_batch_failed, within=60)
+        pending = (await handle.describe()).raw_description.pending_activities
+        failure = next(a.last_failure for a in pending if a.attempt >= 2)
+    finally:
+        database = await Forwarder(port, upstream_of(database_url)).start()  # and comes back
+    try:
+        result = await asyncio.wait_for(handle.result(), timeout=120)
+    finally:
+        await database.cut()
+
+    assert len(failure.message) <= 1000, failure.message
+    assert "@" not in failure.message
+    assert result.state is CampaignState.COMPLETED and result.counts.sent == 400
+    assert set((await sim.deliveries()).values()) == {1}
+    history = (await handle.fetch_history()).to_json()
+    assert "Failure exceeds size limit" not in history
+    assert "outage.000001@example.com" not in history
+
+
+async def _accepted_some(sim: SimulatorControl) -> bool:
+    return (await sim.stats())["accepted_emails"] > 0
