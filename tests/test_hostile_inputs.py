@@ -31,6 +31,7 @@ from campaigns.models import (
     AbandonFailedInput,
     BatchRange,
     CampaignState,
+    CampaignTemplates,
     PlanBatchesInput,
     SendBatchInput,
 )
@@ -38,6 +39,7 @@ from campaigns.provider import ProviderClient
 from campaigns.sender_identity import SendingDomains
 from campaigns.settings import Settings
 from campaigns.spec_check import InvalidSpec, check_timing, parse_spec
+from campaigns.store.templates import store_templates
 from tests.conftest import TASK_QUEUE, TEST_API_KEY
 from tests.helpers import (
     SimulatorControl,
@@ -432,3 +434,22 @@ async def test_a_second_workflow_for_the_same_campaign_id_is_refused(
 async def test_status_of_an_unknown_id_is_a_clear_refusal(client_api: CampaignClient) -> None:
     with pytest.raises(CampaignNotFound):
         await client_api.status(unique("missing"))
+
+
+async def test_another_orgs_template_digest_names_nothing(
+    client: Client, pool: asyncpg.Pool, sim: SimulatorControl, tmp_path: Path
+) -> None:
+    acme = await make_org(pool)
+    victim = await make_org(pool)
+    audience, _ = await make_audience(pool, tmp_path, acme, addresses("digest-acme", 3))
+    theirs = CampaignTemplates(subject="Their secret subject", text="Their secret body")
+    digest = await store_templates(pool, victim, theirs)
+    spec = make_spec(acme, audience).by_reference(digest)
+
+    handle = await client.start_workflow(
+        CampaignWorkflow.run, spec, id=spec.campaign_id, task_queue=TASK_QUEUE
+    )
+    cause = await failure_of(handle)
+
+    assert cause.type == "InvalidCampaignSpec" and "template_digest" in cause.message
+    assert await sim.deliveries() == {}
