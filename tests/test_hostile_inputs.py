@@ -26,6 +26,7 @@ from temporalio.exceptions import ApplicationError
 from activities.planning import PlanningActivities
 from activities.sending import SendingActivities
 from campaigns.audience_import import import_audience
+from campaigns.binaries import temporal_cli
 from campaigns.client import CampaignClient, CampaignNotFound, ControlRefused
 from campaigns.models import (
     AbandonFailedInput,
@@ -49,7 +50,7 @@ from tests.helpers import (
     make_spec,
     unique,
 )
-from tests.test_cli import campaigns, cli_env, temporal_start
+from tests.test_cli import campaigns, cli_env, run, temporal_start
 from tests.test_exactly_once import run_batch
 from workflows import CampaignWorkflow
 
@@ -453,3 +454,48 @@ async def test_another_orgs_template_digest_names_nothing(
 
     assert cause.type == "InvalidCampaignSpec" and "template_digest" in cause.message
     assert await sim.deliveries() == {}
+
+
+async def test_updates_of_the_wrong_shape_are_refused_and_the_campaign_runs_on(
+    settings: Settings,
+    client: Client,
+    client_api: CampaignClient,
+    pool: asyncpg.Pool,
+    tmp_path: Path,
+) -> None:
+    org = await make_org(pool)
+    audience, _ = await make_audience(pool, tmp_path, org, addresses("shapes", 2))
+    spec = make_spec(org, audience, send_at=datetime.now(UTC) + timedelta(days=1))
+    await client_api.start(spec)
+    handle = client.get_workflow_handle(spec.campaign_id)
+
+    for name, value in (
+        ("set_rate", '"fast"'),
+        ("set_rate", "[1, 2]"),
+        ("set_window", '"wide"'),
+        ("set_window", "100000"),
+        ("reschedule", '"not a date"'),
+        ("reschedule", "null"),
+    ):
+        result = await run(
+            temporal_cli(),
+            "workflow",
+            "update",
+            "execute",
+            "--address",
+            settings.temporal_address,
+            "--workflow-id",
+            spec.campaign_id,
+            "--name",
+            name,
+            "--input",
+            value,
+        )
+        assert result.returncode != 0, (name, value, result.stdout)
+
+    status = await client_api.status(spec.campaign_id)
+    assert status.state is CampaignState.SCHEDULED
+    assert status.controls is not None and status.controls.window == spec.window
+    events = [event async for event in handle.fetch_history_events()]
+    assert not [e for e in events if e.HasField("workflow_task_failed_event_attributes")]
+    await client_api.cancel(spec.campaign_id)
