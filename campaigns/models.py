@@ -38,10 +38,11 @@ MAX_WINDOW = 500
 DEFAULT_RETRY_DELAYS = (300, 900, 2700, 8100)
 """Seconds to wait before each retry round of soft-failed recipients (5, 15, 45, 135 min)."""
 
+CAMPAIGN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 CampaignId = Annotated[
     str,
     Field(
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        pattern=CAMPAIGN_ID_PATTERN,
         description="Letters, digits, '.', '_' or '-'; at most 64 characters.",
     ),
 ]
@@ -109,6 +110,13 @@ def rate_problem(rate: float | None) -> str | None:
     return None
 
 
+def send_at_ahead_problem(send_at: datetime, now: datetime) -> str | None:
+    """Why ``send_at`` is too far ahead of ``now`` to be a campaign's start, or None."""
+    if send_at - now > timedelta(days=MAX_SCHEDULE_AHEAD_DAYS):
+        return f"must be at most {MAX_SCHEDULE_AHEAD_DAYS} days ahead (got {send_at.isoformat()})"
+    return None
+
+
 def send_at_problem(send_at: datetime, now: datetime, max_lateness_seconds: int) -> str | None:
     """Why ``send_at`` cannot be a campaign's start at ``now``, or None.
 
@@ -117,8 +125,9 @@ def send_at_problem(send_at: datetime, now: datetime, max_lateness_seconds: int)
     """
     if send_at.tzinfo is None:
         return "needs a timezone, e.g. 2026-12-01T09:00:00+00:00"
-    if send_at - now > timedelta(days=MAX_SCHEDULE_AHEAD_DAYS):
-        return f"must be at most {MAX_SCHEDULE_AHEAD_DAYS} days ahead (got {send_at.isoformat()})"
+    ahead = send_at_ahead_problem(send_at, now)
+    if ahead:
+        return ahead
     late = (now - send_at).total_seconds()
     if late > max_lateness_seconds:
         return (

@@ -16,6 +16,7 @@ reason, and nothing is written to history.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections import deque
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -43,7 +44,7 @@ with workflow.unsafe.imports_passed_through():
         problems_from_validation_error,
     )
     from campaigns.models import (
-        MAX_SCHEDULE_AHEAD_DAYS,
+        CAMPAIGN_ID_PATTERN,
         MAX_WINDOW,
         AbandonFailedInput,
         BatchOutcome,
@@ -58,8 +59,9 @@ with workflow.unsafe.imports_passed_through():
         PlanBatchesInput,
         SendBatchInput,
         SpecInWorkflowInput,
+        is_valid_org_id,
         rate_problem,
-        send_at_problem,
+        send_at_ahead_problem,
     )
 
 # Permanent problems: retrying cannot help, so they stop the campaign at once.
@@ -232,19 +234,9 @@ class CampaignWorkflow:
                     ]
                 )
         if carried is None and spec.send_at is not None:
-            ahead = spec.send_at - workflow.now()
-            if ahead > timedelta(days=MAX_SCHEDULE_AHEAD_DAYS) and workflow.patched(
-                PATCH_REFUSE_FAR_SEND_AT
-            ):
-                return InvalidSpec(
-                    [
-                        SpecProblem(
-                            "send_at",
-                            f"must be at most {MAX_SCHEDULE_AHEAD_DAYS} days ahead "
-                            f"(got {spec.send_at.isoformat()})",
-                        )
-                    ]
-                )
+            ahead = send_at_ahead_problem(spec.send_at, workflow.now())
+            if ahead and workflow.patched(PATCH_REFUSE_FAR_SEND_AT):
+                return InvalidSpec([SpecProblem("send_at", ahead)])
         return None
 
     async def _wait_for_send_at(self, spec: CampaignSpec) -> bool:
@@ -341,7 +333,7 @@ class CampaignWorkflow:
                             audience_id=carried.plan.audience_id,
                             source=source,
                             after_id=plan_cursor,
-                            batch_size=spec.recipients_per_activity,
+                            recipients_per_activity=spec.recipients_per_activity,
                             max_batches=max(2 * controls.window, 4),
                         ),
                         result_type=list[BatchRange],
@@ -629,7 +621,7 @@ class CampaignWorkflow:
                 f"max_lateness_seconds ({self._max_lateness_seconds:,}) ago, so the "
                 "campaign would expire at once"
             )
-        problem = send_at_problem(send_at, workflow.now(), self._max_lateness_seconds)
+        problem = send_at_ahead_problem(send_at, workflow.now())
         if problem:
             raise _refuse(f"cannot reschedule: send_at {problem}")
 
@@ -647,6 +639,10 @@ def _new_status(request: CampaignInput) -> CampaignStatus:
             send_at=request.send_at,
         ),
     )
+
+
+def _is_campaign_id(value: str) -> bool:
+    return re.fullmatch(CAMPAIGN_ID_PATTERN, value) is not None
 
 
 def _shape(value: Any) -> str:
@@ -678,9 +674,13 @@ def _placeholder(request: Any) -> CampaignInput:
     fields = request if isinstance(request, dict) else {}
     name = fields.get("campaign_id")
     org = fields.get("org")
+    # Only names that obey the rules reach the status and memo: a refused input may
+    # hold a megabyte of control characters in either.
     return CampaignInput.model_construct(
-        campaign_id=name if isinstance(name, str) and name else workflow.info().workflow_id,
-        org=org if isinstance(org, str) and org else "?",
+        campaign_id=name
+        if isinstance(name, str) and _is_campaign_id(name)
+        else workflow.info().workflow_id,
+        org=org if isinstance(org, str) and is_valid_org_id(org) else "?",
         audience="?",
         from_address="?",
         window=1,
@@ -691,17 +691,19 @@ def _placeholder(request: Any) -> CampaignInput:
     )
 
 
-def _error_type(error: ActivityError) -> str | None:
-    """The root cause's error type (``InvalidCampaignSpec``, ``ProviderAuthError``)."""
+def _root_cause(error: ActivityError) -> BaseException:
     cause: BaseException = error
     while cause.__cause__ is not None:
         cause = cause.__cause__
+    return cause
+
+
+def _error_type(error: ActivityError) -> str | None:
+    """The root cause's error type (``InvalidCampaignSpec``, ``ProviderAuthError``)."""
+    cause = _root_cause(error)
     return cause.type if isinstance(cause, ApplicationError) else None
 
 
 def _describe(error: ActivityError) -> str:
     """The root cause's message: what the user needs, not the activity wrapper."""
-    cause: BaseException = error
-    while cause.__cause__ is not None:
-        cause = cause.__cause__
-    return str(cause)
+    return str(_root_cause(error))
