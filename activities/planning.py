@@ -137,7 +137,8 @@ class PlanningActivities:
                 templates = await resolve_templates(conn, spec)
                 full = spec.with_templates(templates)
                 plan = await check_against_database(conn, full, workflow_id=workflow_id)
-                await store_templates(conn, spec.org, templates)
+                if spec.templates() is not None:  # by reference, they are stored already
+                    await store_templates(conn, spec.org, templates)
                 saved = await campaign_rows.save(
                     conn,
                     campaign_id=spec.campaign_id,
@@ -187,7 +188,6 @@ class PlanningActivities:
             ApplicationError: non-retryable ``InvalidCampaignSpec`` when the audience or
                 the org is not the campaign's.
         """
-        await check_scope(self._pool, request.campaign_id, request.org, request.audience_id)
         batches = max(1, min(request.max_batches, MAX_PAGE_ROWS // request.recipients_per_activity))
         limit = request.recipients_per_activity * batches
         rows = await ledger.page(
@@ -199,6 +199,10 @@ class PlanningActivities:
             after_id=request.after_id,
             limit=limit,
         )
+        if not rows:
+            # The page's SQL reaches only the campaign's own org and audience; an empty
+            # page is either the end or a campaign out of scope: say which.
+            await check_scope(self._pool, request.campaign_id, request.org, request.audience_id)
         return cut_into_batches(
             [(row.id, row.request_last_id) for row in rows],
             request.after_id,

@@ -275,7 +275,7 @@ class SendingActivities:
             self._pool,
             source=batch.source,
             campaign_id=batch.campaign_id,
-            org=campaign.org,
+            org=batch.org or campaign.org,  # None only in runs of older versions
             audience_id=batch.audience_id,
             after_id=batch.range.after_id,
             last_id=batch.range.last_id,

@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
+from pydantic import ValidationError
 from temporalio.client import (
     Client,
     WorkflowExecutionDescription,
@@ -42,6 +43,7 @@ from campaigns.spec_check import (
     check_against_database,
     check_timing,
     owned_by_another_workflow,
+    problems_from_validation_error,
 )
 from campaigns.store import campaigns as campaign_rows
 from campaigns.store import ledger
@@ -137,9 +139,13 @@ class CampaignClient:
         templates = spec.templates()
         conn = await store.connect(self.settings.require_database_url())
         try:
-            owner = await campaign_rows.owner(conn, spec.campaign_id)
-            if owner is not None and owner != workflow_id:
-                raise InvalidSpec([owned_by_another_workflow(spec.campaign_id, owner)])
+            other = await campaign_rows.binding(conn, spec.campaign_id)
+            if other is not None and other.org_id != spec.org:  # name nothing of theirs
+                raise InvalidSpec(
+                    [SpecProblem("campaign_id", "is already used by another campaign")]
+                )
+            if other is not None and other.workflow_id not in (None, workflow_id):
+                raise InvalidSpec([owned_by_another_workflow(spec.campaign_id, other.workflow_id)])
             if templates is None:
                 return spec
             try:
@@ -336,7 +342,10 @@ class CampaignClient:
         stored = await campaign_rows.stored_spec(conn, status.campaign_id)
         if stored is None:
             raise ControlRefused(f"campaign '{status.campaign_id}' never started sending")
-        spec = CampaignSpec.model_validate({**stored, "send_to": "failed", "send_at": None})
+        try:
+            spec = CampaignSpec.model_validate({**stored, "send_to": "failed", "send_at": None})
+        except ValidationError as error:  # stored by a version with looser rules
+            raise InvalidSpec(problems_from_validation_error(error)) from None
         failed = await ledger.count_to_retry(conn, spec.campaign_id)
         if not failed:
             hint = (

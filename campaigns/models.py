@@ -159,14 +159,6 @@ class CampaignTemplates(_Model):
         )
         return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
 
-    def merge_fields(self) -> set[str]:
-        """All merge-field names the templates use."""
-        used: set[str] = set()
-        for template in (self.subject, self.html, self.text):
-            if template:
-                used |= fields_used(template)
-        return used
-
 
 def _tag_part(value: str, what: str) -> None:
     if not value:
@@ -333,11 +325,6 @@ class CampaignSpec(_Model):
         """This spec with inline templates (what the batch activities render)."""
         data = self.model_dump(exclude={"template_digest"})
         return type(self).model_validate({**data, **templates.model_dump()})
-
-    def merge_fields(self) -> set[str]:
-        """All merge-field names used by the inline templates (none by reference)."""
-        templates = self.templates()
-        return templates.merge_fields() if templates else set()
 
 
 class DeliveryStatus(StrEnum):

@@ -154,8 +154,8 @@ async def check_against_database(
         problems.append(
             SpecProblem(
                 "campaign_id",
-                f"'{spec.campaign_id}' is already used by a campaign of org "
-                f"'{other.org_id}' to another audience",
+                f"'{spec.campaign_id}' is already used by another campaign; "
+                "choose another campaign_id",
             )
         )
     elif (
