@@ -10,6 +10,7 @@ its status and a known-shape error name, reaches workflow history.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -272,6 +273,14 @@ def test_classify_answer_needs_one_token_id_per_email() -> None:
     for body in (b'{"data": [{"id": "a-1"}, {"id": ""}]}', b'{"data": [{"id": "a b"}]}'):
         reply = classify_answer(Answer(200, body), body.count(b'"id"'))
         assert reply.kind is ReplyKind.SOFT_FAILURE, body
+    # An id holding a newline must not pass as two ids, nor a long one as many short.
+    joined = "-".join(["x" * 100] * 50)
+    for body in (
+        b'{"data": [{"id": "a\\nb"}, {"id": "c"}]}',
+        json.dumps({"data": [{"id": joined.replace("-", "\n")}]}).encode(),
+    ):
+        reply = classify_answer(Answer(200, body), body.count(b'"id"'))
+        assert reply.kind is ReplyKind.SOFT_FAILURE, body[:60]
     unread = classify_answer(Answer(200, None, "larger than 1 MiB"), 1)
     assert unread.kind is ReplyKind.SOFT_FAILURE
     assert unread.code == "HTTP 200 answer larger than 1 MiB"
