@@ -445,6 +445,12 @@ class _RowChecker:
                 name = row[name_at].strip() if name_at is not None else ""
                 fields = {key: row[index] for index, key in extra}
                 yield first_line, email, name, json.dumps(fields), False
+                if records.spans_lines:
+                    # A valid row whose quoted value runs over lines may have swallowed
+                    # rows: the addresses in it are spared by --replace, never removed
+                    # unseen.
+                    for other in addresses_in(records.text()) - {email}:
+                        yield first_line, other, "", "{}", True
 
 
 async def import_audience(

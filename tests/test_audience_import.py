@@ -442,3 +442,23 @@ async def test_import_refuses_bad_org_ids_and_audience_names(
     with pytest.raises(ImportFailed, match=message):
         await run_import(pool, path, org or real_org, name)
     assert await pool.fetchval("SELECT count(*) FROM audiences WHERE org_id = $1", real_org) == 0
+
+
+async def test_replace_spares_addresses_inside_a_multi_line_value(
+    pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    org = await make_org(pool)
+    path = tmp_path / "people.csv"
+    path.write_text("email,name\na@example.com,A\nb@example.com,B\nc@example.com,C\n")
+    first = await run_import(pool, path, org, "people")
+    # A quote that closes lines later makes one valid row that holds b and c.
+    path.write_text('email,name\na@example.com,"Ada\nb@example.com,Bob\nc@example.com,Cy"\n')
+
+    report = await run_import(pool, path, org, "people", replace=True)
+
+    assert report.removed == 0
+    assert await emails_of(pool, first.audience_id) == [
+        "a@example.com",
+        "b@example.com",
+        "c@example.com",
+    ]
