@@ -449,7 +449,11 @@ class _RowChecker:
                     # A valid row whose quoted value runs over lines may have swallowed
                     # rows: the addresses in it are spared by --replace, never removed
                     # unseen.
-                    for other in addresses_in(records.text()) - {email}:
+                    text = records.text()
+                    if text is None:  # too long to keep: --replace cannot know, so refuses
+                        self.unreadable_lines.append(first_line)
+                        continue
+                    for other in addresses_in(text) - {email}:
                         yield first_line, other, "", "{}", True
 
 

@@ -406,6 +406,8 @@ class Simulator:
         """Merge the posted fields into the configuration."""
         try:
             update = await request.json()
+            if not isinstance(update, dict):
+                return _error(422, "validation_error", "The body must be a JSON object.")
             merged = {**self.state.config.model_dump(), **update}
             config = SimulatorConfig.model_validate(merged)
         except ValueError as exc:

@@ -231,3 +231,24 @@ async def test_list_prints_long_ids_whole_on_a_narrow_pipe(
     )
     assert spec.campaign_id in first_column
     assert "--json" in (await campaigns(env, "list", "--help")).stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["stack", "up", "--workers", "0"], "between 1 and 32"),
+        (["stack", "up", "--ui-port", "70000"], "between 1 and 65,535"),
+        (["demo", "--recipients", "-5"], "between 1 and"),
+        (["list", "--state", "running"], "invalid choice"),
+        (["throttle", "x", "--rate", "1e7"], "at most 1,000,000"),
+    ],
+)
+def test_stack_demo_list_and_rate_arguments_are_bounded(
+    argv: list[str], fragment: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from campaigns.cli import _parser
+
+    with pytest.raises(SystemExit) as exit_:
+        _parser().parse_args(argv)
+    assert exit_.value.code == 2
+    assert fragment in capsys.readouterr().err

@@ -145,3 +145,11 @@ async def test_the_admin_token_cannot_become_an_api_key(http: httpx.AsyncClient)
     assert sent.status_code == 200
     with pytest.raises(ValueError, match="must not be one of the API keys"):
         await start_simulator(SimulatorConfig(api_keys=[ADMIN_TOKEN]), admin_token=ADMIN_TOKEN)
+
+
+@pytest.mark.parametrize("body", [None, [1, 2], "fast", 42])
+async def test_a_config_update_that_is_not_an_object_is_refused(
+    http: httpx.AsyncClient, body: object
+) -> None:
+    answer = await _request(http, "PUT", "/_sim/config", body, _bearer(ADMIN_TOKEN))
+    assert answer.status_code == 422 and answer.json()["name"] == "validation_error"

@@ -45,7 +45,7 @@ from campaigns.cli._data import (
 from campaigns.cli._progress import literal
 from campaigns.cli._stack import cmd_demo, cmd_stack_down, cmd_stack_status, cmd_stack_up
 from campaigns.client import CampaignAlreadyRunning, CampaignNotFound, ControlRefused
-from campaigns.models import MAX_AUDIENCE_NAME, MAX_WINDOW
+from campaigns.models import MAX_AUDIENCE_NAME, MAX_RATE_PER_SECOND, MAX_WINDOW, CampaignState
 from campaigns.safe_text import control_character_problem
 from campaigns.settings import Settings
 from campaigns.spec_check import InvalidSpec
@@ -139,10 +139,11 @@ def rate_arg(value: str) -> float:
         rate = float(value)
     except ValueError:
         rate = math.nan
-    if not math.isfinite(rate) or rate <= 0:
+    if not math.isfinite(rate) or rate <= 0 or rate > MAX_RATE_PER_SECOND:
         raise argparse.ArgumentTypeError(
             f"{_shown(value)} is not a rate: give emails per second, a finite number "
-            "greater than 0 (or --no-rate to lift the limit)"
+            f"greater than 0 and at most {MAX_RATE_PER_SECOND:,.0f} (or --no-rate to lift "
+            "the limit)"
         )
     return rate
 
@@ -163,6 +164,10 @@ def _int_in(low: int, high: int) -> Callable[[str], int]:
 
 
 window_arg = _int_in(1, MAX_WINDOW)
+port_arg = _int_in(1, 65_535)
+MAX_STACK_WORKERS = 32
+"""Most worker processes the local stack starts (this is a laptop, not a fleet)."""
+MAX_DEMO_RECIPIENTS = 10_000_000
 """``throttle --window``: batch activities in flight, 1 to ``MAX_WINDOW``."""
 
 
@@ -192,7 +197,7 @@ def _parser() -> argparse.ArgumentParser:
         cmd_list,
         "list campaigns, newest first (a table; --json for whole records to pipe into tools)",
     )
-    sub.add_argument("--state", help="e.g. Running, WaitingRetry, Completed, Failed")
+    sub.add_argument("--state", choices=[state.value for state in CampaignState])
     sub.add_argument("--org", type=org_id_arg)
     sub.add_argument("--limit", type=_int_in(1, MAX_LIMIT), default=50, help="at most this many")
     sub.add_argument("--json", action="store_true", help="print the campaigns as JSON")
@@ -281,14 +286,14 @@ def _parser() -> argparse.ArgumentParser:
     group = add("stack", None, "the local stack").add_subparsers(dest="stack_cmd", required=True)
     sub = add("up", cmd_stack_up, "start Temporal, PostgreSQL, the simulator and workers", group)
     sub.add_argument("--detach", action="store_true", help="run in the background")
-    sub.add_argument("--workers", type=int)
-    sub.add_argument("--temporal-port", type=int)
-    sub.add_argument("--ui-port", type=int)
-    sub.add_argument("--simulator-port", type=int)
+    sub.add_argument("--workers", type=_int_in(1, MAX_STACK_WORKERS))
+    sub.add_argument("--temporal-port", type=port_arg)
+    sub.add_argument("--ui-port", type=port_arg)
+    sub.add_argument("--simulator-port", type=port_arg)
     add("down", cmd_stack_down, "stop the local stack", group)
     add("status", cmd_stack_status, "show the local stack's addresses", group)
     sub = add("demo", cmd_demo, "import a demo audience and send a campaign to it, live")
-    sub.add_argument("--recipients", type=int, default=10_000)
+    sub.add_argument("--recipients", type=_int_in(1, MAX_DEMO_RECIPIENTS), default=10_000)
     return parser
 
 
@@ -300,6 +305,8 @@ def _failure(label: str, exc: BaseException | str) -> Text:
 def _unreachable(exc: BaseException) -> str:
     """A connection or file error in our words (OSError's text carries no class name)."""
     text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    if isinstance(exc, OSError) and exc.filename:
+        text = f"{exc.filename}: {text}"
     if isinstance(exc, ConnectionError | TimeoutError) or "connect" in text.lower():
         return (
             f"cannot reach the database ({text}); start the local stack with "
