@@ -23,6 +23,8 @@ from temporalio.worker import (
     Interceptor,
 )
 
+from campaigns.safe_text import bounded
+
 log = structlog.get_logger(__name__)
 
 MAX_FAILURE_MESSAGE = 1000
@@ -31,9 +33,7 @@ DATABASE_ERROR = "DatabaseError"
 
 
 def _bounded(message: str) -> str:
-    if len(message) <= MAX_FAILURE_MESSAGE:
-        return message
-    return message[: MAX_FAILURE_MESSAGE - 14] + " ... (cut off)"
+    return bounded(message, MAX_FAILURE_MESSAGE)
 
 
 def bounded_failure(error: BaseException) -> BaseException:

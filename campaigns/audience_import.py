@@ -40,6 +40,7 @@ from campaigns.addresses import is_valid_address, normalize_address
 from campaigns.models import MAX_AUDIENCE_NAME, is_valid_org_id
 from campaigns.safe_text import control_character_problem
 from campaigns.store import audiences, orgs
+from campaigns.store.audiences import StagedRow
 from campaigns.templates import field_name_for
 
 REQUIRED_COLUMNS = ("email",)
@@ -286,10 +287,6 @@ def addresses_in(text: str) -> set[str]:
         if "@" in email and is_valid_address(email) and _UNSTORABLE.search(email) is None:
             found.add(email)
     return found
-
-
-StagedRow = tuple[int, str, str, str, bool]
-"""(line, email, name, merge fields as JSON, left out) as staged for the import."""
 
 
 class _RowChecker:

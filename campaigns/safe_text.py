@@ -39,6 +39,15 @@ def refuse_control_characters(value: str) -> str:
     return value
 
 
+def bounded(text: str, limit: int) -> str:
+    """``text`` without control characters, cut to ``limit`` characters with a marker."""
+    text = replace_control_characters(text)
+    if len(text) <= limit:
+        return text
+    marker = f"... [cut to {limit:,} of {len(text):,} characters]"
+    return text[: limit - len(marker)] + marker
+
+
 def replace_control_characters(value: str, replacement: str = " ") -> str:
     """``value`` with every control character replaced (for merge values in a subject)."""
     return _CONTROL.sub(replacement, value) if _CONTROL.search(value) else value

@@ -34,7 +34,7 @@ import orjson
 from pydantic import SecretStr
 
 from campaigns.provider._transport import asyncio_transport
-from campaigns.safe_text import replace_control_characters
+from campaigns.safe_text import bounded as bounded_text
 
 MAX_ANSWER_BYTES = 1024 * 1024
 """Largest answer body read (1 MiB); the real API answers 100 ids in a few KB."""
@@ -130,12 +130,8 @@ class Answer:
 
 
 def bounded(text: str, limit: int = MAX_ERROR_CHARS) -> str:
-    """``text`` without control characters, cut to ``limit`` characters with a marker."""
-    text = replace_control_characters(text)
-    if len(text) <= limit:
-        return text
-    marker = f"... [cut to {limit:,} of {len(text):,} characters]"
-    return text[: limit - len(marker)] + marker
+    """``text`` as the ledger keeps a provider's answer: one line, at most ``limit``."""
+    return bounded_text(text, limit)
 
 
 def error_name(value: object) -> str | None:
