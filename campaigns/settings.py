@@ -67,6 +67,29 @@ class Settings(BaseSettings):
     )
     worker_max_concurrent_activities: int = 64
     worker_graceful_shutdown_seconds: float = 30.0
+    webhook_secret: SecretStr | None = Field(
+        default=None,
+        description="The provider's webhook signing secret (whsec_...), for POST /webhooks/resend.",
+    )
+    unsubscribe_base_url: str | None = Field(
+        default=None,
+        description="Public base URL of the HTTP service's /u/{token} unsubscribe endpoint.",
+    )
+    unsubscribe_secret: SecretStr | None = Field(
+        default=None, description="Signs unsubscribe tokens (at least 32 characters)."
+    )
+    unsubscribe_previous_secrets: SecretStr | None = Field(
+        default=None,
+        description="Comma-separated earlier unsubscribe secrets: tokens they signed still work.",
+    )
+    unsubscribe_mailto: str | None = Field(
+        default=None, description="Address for the mailto: form of List-Unsubscribe."
+    )
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8090, ge=1, le=65535)
+    soft_bounce_limit: int = Field(
+        default=3, ge=1, le=100, description="Soft bounces in a row that suppress an address."
+    )
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: str = "INFO"
 
