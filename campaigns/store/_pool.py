@@ -11,6 +11,9 @@ from asyncpg.pool import PoolConnectionProxy
 Conn: TypeAlias = asyncpg.Connection | asyncpg.Pool | PoolConnectionProxy
 """What a store function runs its statements on: one connection, or any of a pool's."""
 
+Connection: TypeAlias = asyncpg.Connection | PoolConnectionProxy
+"""One connection (its own or a pool's): what a function that opens a transaction takes."""
+
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
     for type_name in ("json", "jsonb"):

@@ -1,0 +1,104 @@
+"""Applies stored webhook events to the ledger, in batches, as soon as they are stored.
+
+The loop is woken by each commit of new events (and every second, for events waiting
+to be tried again) and applies until nothing is due. It runs in the HTTP service's
+process but never on a request's path: answering a webhook waits only for its commit.
+Several service processes may run it together (events are claimed with SKIP LOCKED).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import asyncpg
+import structlog
+
+from campaigns.engagement import apply_pending
+from campaigns.store import events as store
+
+log = structlog.get_logger(__name__)
+
+IDLE_SECONDS = 1.0
+RETENTION_DAYS = 30
+"""Settled events are kept this long (the provider retries for about 3 days)."""
+PURGE_EVERY_SECONDS = 3600.0
+
+
+@dataclass
+class ApplyStats:
+    """Counters since the process started."""
+
+    applied: int = 0
+    batches: int = 0
+    errors: int = 0
+
+
+class Applier:
+    """The background loop; ``poke`` after storing events."""
+
+    def __init__(self, pool: asyncpg.Pool, *, soft_bounce_limit: int, batch: int = 1000) -> None:
+        """``soft_bounce_limit``: soft bounces in a row that suppress an address."""
+        self._pool = pool
+        self._soft_bounce_limit = soft_bounce_limit
+        self._batch = batch
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.stats = ApplyStats()
+
+    def start(self) -> None:
+        """Start the loop."""
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        """Stop the loop (a batch in progress rolls back and is applied later)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def poke(self) -> None:
+        """New events were stored: apply them now."""
+        self._wake.set()
+
+    async def _run(self) -> None:
+        delay = IDLE_SECONDS
+        last_purge = 0.0
+        loop = asyncio.get_running_loop()
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+            self._wake.clear()
+            try:
+                while await self._apply_once() >= self._batch:
+                    pass
+                if loop.time() - last_purge > PURGE_EVERY_SECONDS:
+                    await store.purge(self._pool, older_than_days=RETENTION_DAYS)
+                    last_purge = loop.time()
+                delay = IDLE_SECONDS
+            except asyncpg.DeadlockDetectedError:
+                delay = 0.05  # lost a race with the send path: try again at once
+            except Exception as error:  # the database is down: try again later
+                self.stats.errors += 1
+                delay = min(max(delay * 2, IDLE_SECONDS), 30.0)
+                log.warning(
+                    "webhook events not applied",
+                    error=type(error).__name__,
+                    sqlstate=getattr(error, "sqlstate", None),
+                    retry_in_seconds=delay,
+                )
+
+    async def _apply_once(self) -> int:
+        async with self._pool.acquire() as conn:
+            claimed = await apply_pending(
+                conn,
+                soft_bounce_limit=self._soft_bounce_limit,
+                limit=self._batch,
+                now=datetime.now(UTC),
+            )
+        if claimed:
+            self.stats.applied += claimed
+            self.stats.batches += 1
+        return claimed

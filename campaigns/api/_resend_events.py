@@ -1,0 +1,146 @@
+"""Reading one provider webhook: the signature, then the event's shape (pure).
+
+The signature is checked with the ``svix`` package exactly as the provider (Svix)
+signs: ``v1,<base64 HMAC-SHA256 of "{svix-id}.{svix-timestamp}.{raw body}">`` under the
+base64-decoded secret after ``whsec_``, compared in constant time, with timestamps
+more than 5 minutes old or ahead refused. Everything is bounded before it is parsed.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+from svix.webhooks import Webhook, WebhookVerificationError
+
+from campaigns.engagement import BOUNCED, MESSAGE_EVENTS, bounce_type
+from campaigns.store.events import NewEvent
+
+MAX_WEBHOOK_BYTES = 256 * 1024
+"""The largest event body accepted (the provider's are a few KiB)."""
+TOLERANCE = timedelta(minutes=5)
+MAX_SIGNATURE_HEADER = 2048
+_SVIX_ID = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
+_EMAIL_ID = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
+_TYPE = re.compile(r"[a-z][a-z0-9_.]{0,63}")
+_TIMESTAMP = re.compile(r"[0-9]{1,12}")
+
+
+@dataclass
+class Refused(Exception):
+    """Why a webhook request is not accepted: the status to answer and a reason."""
+
+    status: int
+    code: str
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class SignatureCheck:
+    """Verifies ``svix-*`` headers against the raw body with the configured secret."""
+
+    def __init__(self, secret: str) -> None:
+        """``secret`` is ``whsec_<base64>``; a malformed one raises ``ValueError``."""
+        try:
+            self._webhook = Webhook(secret)
+        except Exception as error:
+            raise ValueError(
+                "WEBHOOK_SECRET must be the provider's signing secret, whsec_<base64>"
+            ) from error
+
+    def verify(self, body: bytes, headers: dict[str, str], *, now: datetime) -> str:
+        """The event's ``svix-id`` when the signature holds; else ``Refused`` (401)."""
+        svix_id = headers.get("svix-id", "")
+        stamp = headers.get("svix-timestamp", "")
+        signature = headers.get("svix-signature", "")
+        if not (svix_id and stamp and signature):
+            missing = [
+                n
+                for n, v in (
+                    ("svix-id", svix_id),
+                    ("svix-timestamp", stamp),
+                    ("svix-signature", signature),
+                )
+                if not v
+            ]
+            raise Refused(401, "missing_signature", f"missing header(s): {', '.join(missing)}")
+        if not _SVIX_ID.fullmatch(svix_id):
+            raise Refused(401, "bad_svix_id", "svix-id must be 1-128 letters, digits or _.:-")
+        if not _TIMESTAMP.fullmatch(stamp):
+            raise Refused(401, "bad_timestamp", "svix-timestamp must be unix seconds")
+        if abs(now.timestamp() - int(stamp)) > TOLERANCE.total_seconds():
+            raise Refused(401, "stale_timestamp", "svix-timestamp is more than 5 minutes from now")
+        if len(signature) > MAX_SIGNATURE_HEADER:
+            raise Refused(
+                401, "bad_signature", f"svix-signature is over {MAX_SIGNATURE_HEADER} characters"
+            )
+        try:
+            self._webhook.verify(
+                body,
+                {"svix-id": svix_id, "svix-timestamp": stamp, "svix-signature": signature},
+            )
+        except (WebhookVerificationError, ValueError, UnicodeDecodeError) as error:
+            # ValueError covers malformed signature lists and base64 (binascii.Error).
+            raise Refused(401, "bad_signature", "the signature does not match") from error
+        return svix_id
+
+
+def _field(problem: str, message: str) -> Refused:
+    return Refused(400, problem, message)
+
+
+def _timestamp(value: Any, *, now: datetime) -> datetime:
+    if not isinstance(value, str) or len(value) > 40:
+        raise _field("bad_created_at", "created_at must be an ISO-8601 timestamp")
+    try:
+        at = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise _field("bad_created_at", "created_at must be an ISO-8601 timestamp") from None
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=UTC)
+    # A clock ahead of ours must not make an event "first" for ever.
+    return min(at, now + TOLERANCE)
+
+
+def parse(svix_id: str, body: bytes, *, now: datetime) -> NewEvent:
+    """The event to store, or ``Refused`` (400) naming the field that is wrong.
+
+    A type we do not act on is stored as "ignored", not refused: the provider may add
+    types, and a refusal would only make it retry.
+    """
+    try:
+        event = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise _field("bad_json", "the body is not valid JSON") from None
+    if not isinstance(event, dict):
+        raise _field("bad_json", "the body must be a JSON object")
+    kind = event.get("type")
+    if not isinstance(kind, str) or not _TYPE.fullmatch(kind):
+        raise _field("bad_type", "type must be a string such as email.delivered (<= 64 chars)")
+    # PostgreSQL's jsonb cannot hold U+0000; an escaped one becomes U+FFFD (still JSON).
+    payload = body.decode().replace("\\u0000", "\\ufffd")
+    if kind not in MESSAGE_EVENTS:
+        at = now
+        if "created_at" in event:
+            try:
+                at = _timestamp(event["created_at"], now=now)
+            except Refused:
+                pass
+        return NewEvent(svix_id, kind, None, None, at, payload, outcome="ignored")
+    at = _timestamp(event.get("created_at"), now=now)
+    data = event.get("data")
+    if not isinstance(data, dict):
+        raise _field("bad_data", "data must be an object")
+    email_id = data.get("email_id")
+    if not isinstance(email_id, str) or not _EMAIL_ID.fullmatch(email_id):
+        raise _field("bad_email_id", "data.email_id must be 1-128 letters, digits or _.:-")
+    bounce = None
+    if kind == BOUNCED:
+        details = data.get("bounce")
+        bounce = bounce_type(details.get("type") if isinstance(details, dict) else None)
+    return NewEvent(svix_id, kind, email_id, bounce, at, payload)

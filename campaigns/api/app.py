@@ -1,0 +1,203 @@
+"""The HTTP service: provider webhooks, one-click unsubscribe, health.
+
+Routes:
+
+* ``POST /webhooks/resend``: the provider's signed events (``webhooks.py``);
+* ``GET|POST /u/{token}``: one-click unsubscribe (``unsubscribe.py``);
+* ``GET /healthz``: the process is up; ``GET /readyz``: PostgreSQL answers and the
+  schema is current, with the event backlog.
+
+Every request body is bounded (``BodyLimit``: 413 past the limit, whatever
+Content-Length says), and every error is JSON ``{"error": code, "message": text}``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import asdict
+from typing import Any
+
+import structlog
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from campaigns import store
+from campaigns.api import webhooks
+from campaigns.api._applier import Applier
+from campaigns.api._ingest import Ingester
+from campaigns.api._resend_events import MAX_WEBHOOK_BYTES, SignatureCheck
+from campaigns.settings import Settings
+from campaigns.store import events as event_rows
+
+log = structlog.get_logger("api")
+
+
+def error(status: int, code: str, message: str, **headers: str) -> JSONResponse:
+    """The service's one error shape."""
+    return JSONResponse({"error": code, "message": message}, status_code=status, headers=headers)
+
+
+class BodyTooLarge(Exception):
+    """Raised inside ``receive`` when a body passes the limit."""
+
+
+class BodyLimit:
+    """ASGI middleware: refuse bodies over ``limit`` bytes with 413.
+
+    Content-Length is checked first; a chunked or lying body is counted as it is read.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        """Wrap ``app``."""
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve one request."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                if not value.isdigit() or int(value) > self.limit:
+                    await self._too_large(scope, receive, send)
+                    return
+        seen = 0
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise BodyTooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except BodyTooLarge:
+            if not started:
+                await self._too_large(scope, receive, send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        log.info("request refused", path=scope.get("path"), status=413, reason="body_too_large")
+        response = error(
+            413, "body_too_large", f"the request body is over the limit of {self.limit} bytes"
+        )
+        await response(scope, receive, send)
+
+
+async def healthz(request: Request) -> Response:
+    """The process answers."""
+    return JSONResponse({"ok": True})
+
+
+async def readyz(request: Request) -> Response:
+    """PostgreSQL answers with the current schema; the webhook backlog."""
+    pool = request.app.state.pool
+    try:
+        await store.require_current_schema(pool)
+        backlog = await event_rows.backlog(pool)
+    except Exception as exc:
+        return error(503, "database_unavailable", f"PostgreSQL is not ready: {type(exc).__name__}")
+    ingester: Ingester = request.app.state.ingester
+    return JSONResponse(
+        {
+            "ok": True,
+            "database": "ok",
+            "events_waiting_to_store": ingester.pending,
+            "events_waiting_to_apply": asdict(backlog),
+            "webhooks": request.app.state.signature is not None,
+        }
+    )
+
+
+async def _not_found(request: Request, exc: Exception) -> Response:
+    return error(404, "not_found", f"no such endpoint: {request.method} {request.url.path}")
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = {405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return error(exc.status_code, code, str(exc.detail))
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    log.error("request failed", path=request.url.path, error=type(exc).__name__)
+    return error(500, "internal_error", "the service failed to handle the request")
+
+
+def create_app(settings: Settings, *, pool_size: int = 10) -> Starlette:
+    """The ASGI app; its lifespan opens the pool and runs the ingester and applier."""
+    signature = (
+        SignatureCheck(settings.webhook_secret.get_secret_value())
+        if settings.webhook_secret is not None
+        else None
+    )
+    unsubscribe = _unsubscribe_links(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        database_url = settings.require_database_url()
+        # min_size 0: the service starts (healthz answers) before PostgreSQL does.
+        pool = await store.create_pool(database_url, min_size=0, max_size=pool_size)
+        applier = Applier(pool, soft_bounce_limit=settings.soft_bounce_limit)
+        ingester = Ingester(pool, on_stored=applier.poke)
+        app.state.pool, app.state.ingester, app.state.applier = pool, ingester, applier
+        app.state.signature, app.state.unsubscribe = signature, unsubscribe
+        ingester.start()
+        applier.start()
+        log.info(
+            "api started",
+            webhooks="on" if signature else "off: WEBHOOK_SECRET is not set",
+            unsubscribe="on" if unsubscribe else "off: UNSUBSCRIBE_BASE_URL/SECRET not set",
+        )
+        try:
+            yield
+        finally:
+            await ingester.stop()
+            await applier.stop()
+            await pool.close()
+
+    routes: list[Any] = [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/webhooks/resend", webhooks.resend, methods=["POST"]),
+        *_unsubscribe_routes(),
+    ]
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={404: _not_found, HTTPException: _http_error, 500: _server_error},
+    )
+    app.add_middleware(BodyLimit, limit=MAX_WEBHOOK_BYTES)
+    return app
+
+
+def _unsubscribe_links(settings: Settings) -> Any:
+    try:
+        from campaigns.unsubscribe import UnsubscribeLinks  # type: ignore[import-not-found]
+    except ImportError:  # pragma: no cover - until the unsubscribe module lands
+        return None
+    if not (settings.unsubscribe_base_url and settings.unsubscribe_secret):
+        return None
+    return UnsubscribeLinks.from_settings(settings)
+
+
+def _unsubscribe_routes() -> list[Route]:
+    try:
+        from campaigns.api.unsubscribe import ROUTES  # type: ignore[import-not-found]
+    except ImportError:  # pragma: no cover - until the unsubscribe module lands
+        return []
+    return list(ROUTES)

@@ -1,0 +1,58 @@
+"""Serving the app with uvicorn: settings from the environment, our log format."""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+import uvicorn
+from pydantic import ValidationError
+
+from campaigns.api.app import create_app
+from campaigns.logs import configure_logging
+from campaigns.settings import Settings
+
+log = structlog.get_logger("api")
+
+
+def server(
+    settings: Settings, *, host: str | None = None, port: int | None = None
+) -> uvicorn.Server:
+    """A uvicorn server for the app (not started)."""
+    config = uvicorn.Config(
+        create_app(settings),
+        host=host or settings.api_host,
+        port=port if port is not None else settings.api_port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        # Our own log lines only: an access log would print unsubscribe tokens.
+        access_log=False,
+        log_config=None,
+        server_header=False,
+        timeout_keep_alive=30,
+        timeout_graceful_shutdown=10,
+    )
+    return uvicorn.Server(config)
+
+
+def main(host: str | None = None, port: int | None = None) -> None:
+    """Entry point of ``campaigns api`` and ``python -m campaigns.api``; exits 2 on bad
+    settings."""
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        configure_logging("INFO", "auto")
+        log.error("api cannot start: invalid settings", error=str(exc))
+        raise SystemExit(2) from None
+    configure_logging(settings.log_level, settings.log_format)
+    if not settings.database_url:
+        log.error("api cannot start", error="DATABASE_URL is not set and no local stack runs")
+        raise SystemExit(2)
+    try:
+        instance = server(settings, host=host, port=port)
+    except ValueError as exc:
+        log.error("api cannot start", error=str(exc))
+        raise SystemExit(2) from None
+    log.info("api listening", host=instance.config.host, port=instance.config.port)
+    asyncio.run(instance.serve())
