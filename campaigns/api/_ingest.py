@@ -90,19 +90,19 @@ class Ingester:
         """Events received but not yet committed."""
         return len(self._pending)
 
-    async def submit(self, event: NewEvent) -> bool:
-        """Wait until ``event`` is committed; True if it was new, False if a duplicate.
+    def submit(self, event: NewEvent) -> asyncio.Future[bool]:
+        """A future that resolves once ``event`` is committed: True if it was new,
+        False if a duplicate; it fails if the commit failed (the database is down).
 
         Raises:
             Overloaded: the queue is full.
-            Exception: the commit failed (the database is down): answer 503.
         """
         if len(self._pending) >= self._max_pending:
             raise Overloaded(f"more than {self._max_pending} events wait to be stored")
         waiting = _Waiting(event)
         self._pending.append(waiting)
         self._wake.set()
-        return await waiting.done
+        return waiting.done
 
     async def _flush_loop(self) -> None:
         while True:

@@ -2,7 +2,8 @@
 
 Routes:
 
-* ``POST /webhooks/resend``: the provider's signed events (``webhooks.py``);
+* ``POST /webhooks/resend``: the provider's signed events (``webhooks.py``, plain
+  ASGI in front of the Starlette app: it takes the bursts);
 * ``GET|POST /u/{token}``: one-click unsubscribe (``unsubscribe.py``);
 * ``GET /healthz``: the process is up; ``GET /readyz``: PostgreSQL answers and the
   schema is current, with the event backlog.
@@ -27,7 +28,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from campaigns import store
-from campaigns.api import webhooks
+from campaigns.api.webhooks import WebhookFrontDoor
 from campaigns.api._applier import Applier
 from campaigns.api._ingest import Ingester
 from campaigns.api._resend_events import MAX_WEBHOOK_BYTES, SignatureCheck
@@ -138,7 +139,7 @@ async def _server_error(request: Request, exc: Exception) -> Response:
     return error(500, "internal_error", "the service failed to handle the request")
 
 
-def create_app(settings: Settings, *, pool_size: int = 10) -> Starlette:
+def create_app(settings: Settings, *, pool_size: int = 10) -> WebhookFrontDoor:
     """The ASGI app; its lifespan opens the pool and runs the ingester and applier."""
     signature = (
         SignatureCheck(settings.webhook_secret.get_secret_value())
@@ -173,7 +174,6 @@ def create_app(settings: Settings, *, pool_size: int = 10) -> Starlette:
     routes: list[Any] = [
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
-        Route("/webhooks/resend", webhooks.resend, methods=["POST"]),
         *_unsubscribe_routes(),
     ]
     app = Starlette(
@@ -182,7 +182,7 @@ def create_app(settings: Settings, *, pool_size: int = 10) -> Starlette:
         exception_handlers={404: _not_found, HTTPException: _http_error, 500: _server_error},
     )
     app.add_middleware(BodyLimit, limit=MAX_WEBHOOK_BYTES)
-    return app
+    return WebhookFrontDoor(app)
 
 
 def _unsubscribe_links(settings: Settings) -> Any:

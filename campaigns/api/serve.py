@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
+from typing import Any
 
 import structlog
 import uvicorn
@@ -30,6 +32,7 @@ def server(
         access_log=False,
         log_config=None,
         server_header=False,
+        proxy_headers=False,  # nothing here uses the client's address
         timeout_keep_alive=30,
         timeout_graceful_shutdown=10,
     )
@@ -55,4 +58,14 @@ def main(host: str | None = None, port: int | None = None) -> None:
         log.error("api cannot start", error=str(exc))
         raise SystemExit(2) from None
     log.info("api listening", host=instance.config.host, port=instance.config.port)
-    asyncio.run(instance.serve())
+    run(instance.serve())
+
+
+def run(main: Coroutine[Any, Any, None]) -> None:
+    """Run ``main`` on uvloop where it exists (several times less CPU per request)."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - Windows
+        asyncio.run(main)
+        return
+    uvloop.run(main)

@@ -1,56 +1,152 @@
 """``POST /webhooks/resend``: the provider's signed events, durable before 2xx.
 
-Answers: 200 once the event is committed (``{"stored": true}``, or ``"duplicate":
-true`` for an svix-id already stored); 401 for a missing, wrong or stale signature;
-400 for a body that is not an event (naming the field); 413 over the size limit; 503
-when webhooks are not configured, the database cannot commit, or too many events wait
-(the provider retries). Refusals are logged with their reason, never the body.
+Answers: 200 once the event is committed (``{"stored": true, "duplicate": false}``;
+``"duplicate": true`` for an svix-id already stored); 401 for a missing, wrong or
+stale signature; 400 for a body that is not an event (naming the field); 413 over the
+size limit; 405 for another method; 503 when webhooks are not configured, the
+database cannot commit, or too many events wait (the provider retries). Refusals are
+logged with their reason, never the body.
+
+This endpoint takes the bursts (thousands of events a second after a big campaign),
+so it is plain ASGI in front of the Starlette app: no middleware stack or router on
+its path, the body read with its own limit, the answer written directly.
 """
 
 from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime
+from typing import Any
 
+import orjson
 import structlog
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from campaigns.api._ingest import Ingester, Overloaded
-from campaigns.api._resend_events import Refused, SignatureCheck, parse
+from campaigns.api._resend_events import MAX_WEBHOOK_BYTES, Refused, SignatureCheck, parse
 
 log = structlog.get_logger("api.webhooks")
 
+PATH = "/webhooks/resend"
 COMMIT_WAIT_SECONDS = 10.0
 """The longest a request waits for its commit before answering 503."""
+_SIGNATURE_HEADERS = {b"svix-id", b"svix-timestamp", b"svix-signature"}
+_STORED = orjson.dumps({"stored": True, "duplicate": False})
+_DUPLICATE = orjson.dumps({"stored": True, "duplicate": True})
 
 
-def _refuse(status: int, code: str, message: str, **headers: str) -> JSONResponse:
+async def _answer(send: Send, status: int, body: bytes, *extra: tuple[bytes, bytes]) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *extra,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _refuse(send: Send, status: int, code: str, message: str, **headers: str) -> None:
     log.info("webhook refused", status=status, reason=code)
-    return JSONResponse({"error": code, "message": message}, status_code=status, headers=headers)
+    body = orjson.dumps({"error": code, "message": message})
+    await _answer(send, status, body, *((k.encode(), v.encode()) for k, v in headers.items()))
 
 
-async def resend(request: Request) -> Response:
-    """Verify, store (group commit) and acknowledge one event."""
-    signature: SignatureCheck | None = request.app.state.signature
-    if signature is None:
-        return _refuse(503, "webhooks_disabled", "webhooks are not configured (WEBHOOK_SECRET)")
-    body = await request.body()
-    now = datetime.now(UTC)
-    try:
-        svix_id = signature.verify(body, dict(request.headers), now=now)
-        event = parse(svix_id, body, now=now)
-    except Refused as refused:
-        return _refuse(refused.status, refused.code, refused.message)
-    ingester: Ingester = request.app.state.ingester
-    try:
-        is_new = await asyncio.wait_for(ingester.submit(event), timeout=COMMIT_WAIT_SECONDS)
-    except Overloaded as exc:
-        return _refuse(503, "overloaded", str(exc), **{"Retry-After": "5"})
-    except TimeoutError:
-        return _refuse(503, "not_stored", "the event could not be stored in time; retry")
-    except Exception as exc:
-        return _refuse(503, "not_stored", f"the event could not be stored ({type(exc).__name__})")
-    if event.outcome == "ignored":
-        return JSONResponse({"stored": True, "duplicate": not is_new, "ignored": True})
-    return JSONResponse({"stored": True, "duplicate": not is_new})
+class _TooLarge(Exception):
+    pass
+
+
+async def _read_body(scope: Scope, receive: Receive) -> bytes:
+    for name, value in scope["headers"]:
+        if name == b"content-length" and (not value.isdigit() or int(value) > MAX_WEBHOOK_BYTES):
+            raise _TooLarge
+    chunks, size, more = [], 0, True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ConnectionResetError
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > MAX_WEBHOOK_BYTES:
+            raise _TooLarge
+        chunks.append(chunk)
+        more = message.get("more_body", False)
+    return b"".join(chunks)
+
+
+class WebhookFrontDoor:
+    """ASGI app: ``POST /webhooks/resend`` here, everything else to ``app``.
+
+    The signature check and the ingester are looked up on ``app.state`` (set by the
+    app's lifespan) when a request arrives.
+    """
+
+    def __init__(self, app: Any) -> None:
+        """Wrap the Starlette ``app``."""
+        self.app: ASGIApp = app
+        self._state = app.state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve one request or lifespan event."""
+        if scope["type"] != "http" or scope["path"] != PATH:
+            await self.app(scope, receive, send)
+            return
+        if scope["method"] != "POST":
+            await _refuse(send, 405, "method_not_allowed", "use POST", allow="POST")
+            return
+        await self._resend(scope, receive, send)
+
+    async def _resend(self, scope: Scope, receive: Receive, send: Send) -> None:
+        signature: SignatureCheck | None = self._state.signature
+        if signature is None:
+            await _refuse(
+                send, 503, "webhooks_disabled", "webhooks are not configured (WEBHOOK_SECRET)"
+            )
+            return
+        try:
+            body = await _read_body(scope, receive)
+        except _TooLarge:
+            await _refuse(
+                send,
+                413,
+                "body_too_large",
+                f"the request body is over the limit of {MAX_WEBHOOK_BYTES} bytes",
+            )
+            return
+        except ConnectionResetError:
+            return
+        headers = {
+            name.decode(): value.decode("latin-1")
+            for name, value in scope["headers"]
+            if name in _SIGNATURE_HEADERS
+        }
+        now = datetime.now(UTC)
+        try:
+            event = parse(signature.verify(body, headers, now=now), body, now=now)
+        except Refused as refused:
+            await _refuse(send, refused.status, refused.code, refused.message)
+            return
+        ingester: Ingester = self._state.ingester
+        try:
+            # A future, not a coroutine: waiting on it costs no task per request.
+            is_new = await asyncio.wait_for(ingester.submit(event), timeout=COMMIT_WAIT_SECONDS)
+        except Overloaded as exc:
+            await _refuse(send, 503, "overloaded", str(exc), **{"retry-after": "5"})
+            return
+        except TimeoutError:
+            await _refuse(send, 503, "not_stored", "the event could not be stored in time; retry")
+            return
+        except Exception as exc:
+            await _refuse(
+                send, 503, "not_stored", f"the event could not be stored ({type(exc).__name__})"
+            )
+            return
+        if event.outcome == "ignored":
+            payload = {"stored": True, "duplicate": not is_new, "ignored": True}
+            await _answer(send, 200, orjson.dumps(payload))
+        else:
+            await _answer(send, 200, _STORED if is_new else _DUPLICATE)
