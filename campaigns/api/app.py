@@ -28,10 +28,10 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from campaigns import store
-from campaigns.api.webhooks import WebhookFrontDoor
 from campaigns.api._applier import Applier
 from campaigns.api._ingest import Ingester
 from campaigns.api._resend_events import MAX_WEBHOOK_BYTES, SignatureCheck
+from campaigns.api.webhooks import WebhookFrontDoor
 from campaigns.settings import Settings
 from campaigns.store import events as event_rows
 
