@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     )
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8090, ge=1, le=65535)
+    api_processes: int = Field(
+        default=1, ge=1, le=64, description="HTTP service processes sharing the port."
+    )
     soft_bounce_limit: int = Field(
         default=3, ge=1, le=100, description="Soft bounces in a row that suppress an address."
     )

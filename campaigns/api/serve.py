@@ -1,4 +1,9 @@
-"""Serving the app with uvicorn: settings from the environment, our log format."""
+"""Serving the app with uvicorn: settings from the environment, our log format.
+
+One process by default; ``API_PROCESSES`` (or ``--processes``) runs several that share
+the port, each with its own pool, ingester and applier (events are claimed with SKIP
+LOCKED, so they never apply one event twice).
+"""
 
 from __future__ import annotations
 
@@ -16,30 +21,41 @@ from campaigns.settings import Settings
 
 log = structlog.get_logger("api")
 
+_OPTIONS: dict[str, Any] = {
+    "loop": "uvloop",
+    "http": "httptools",
+    "lifespan": "on",
+    # Our own log lines only: an access log would print unsubscribe tokens.
+    "access_log": False,
+    "log_config": None,
+    "server_header": False,
+    "proxy_headers": False,  # nothing here uses the client's address
+    "timeout_keep_alive": 30,
+    "timeout_graceful_shutdown": 10,
+}
+
 
 def server(
     settings: Settings, *, host: str | None = None, port: int | None = None
 ) -> uvicorn.Server:
-    """A uvicorn server for the app (not started)."""
+    """A uvicorn server for the app in this process (not started)."""
     config = uvicorn.Config(
         create_app(settings),
         host=host or settings.api_host,
         port=port if port is not None else settings.api_port,
-        loop="uvloop",
-        http="httptools",
-        lifespan="on",
-        # Our own log lines only: an access log would print unsubscribe tokens.
-        access_log=False,
-        log_config=None,
-        server_header=False,
-        proxy_headers=False,  # nothing here uses the client's address
-        timeout_keep_alive=30,
-        timeout_graceful_shutdown=10,
+        **_OPTIONS,
     )
     return uvicorn.Server(config)
 
 
-def main(host: str | None = None, port: int | None = None) -> None:
+def app_from_environment() -> Any:
+    """The app factory each process of a multi-process service calls."""
+    settings = Settings()
+    configure_logging(settings.log_level, settings.log_format)
+    return create_app(settings)
+
+
+def main(host: str | None = None, port: int | None = None, processes: int | None = None) -> None:
     """Entry point of ``campaigns api`` and ``python -m campaigns.api``; exits 2 on bad
     settings."""
     try:
@@ -57,8 +73,21 @@ def main(host: str | None = None, port: int | None = None) -> None:
     except ValueError as exc:
         log.error("api cannot start", error=str(exc))
         raise SystemExit(2) from None
-    log.info("api listening", host=instance.config.host, port=instance.config.port)
-    run(instance.serve())
+    processes = processes or settings.api_processes
+    log.info(
+        "api listening", host=instance.config.host, port=instance.config.port, processes=processes
+    )
+    if processes == 1:
+        run(instance.serve())
+        return
+    uvicorn.run(
+        "campaigns.api.serve:app_from_environment",
+        factory=True,
+        host=instance.config.host,
+        port=instance.config.port,
+        workers=processes,
+        **_OPTIONS,
+    )
 
 
 def run(main: Coroutine[Any, Any, None]) -> None:
