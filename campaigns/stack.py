@@ -1,23 +1,25 @@
-"""The local stack: Temporal dev server + Web UI, PostgreSQL, the provider simulator and
-campaign workers, started and stopped as one.
+"""The local stack: Temporal dev server + Web UI, PostgreSQL, the provider simulator, the
+HTTP service (webhooks, unsubscribe) and campaign workers, started and stopped as one.
 
 ``campaigns stack up`` runs it in the foreground (Ctrl-C stops everything);
 ``--detach`` runs the same supervisor in the background and returns once the stack
 is ready; ``campaigns stack down`` stops it. State lives in the data directory:
 Temporal's SQLite file, the embedded PostgreSQL (when ``DATABASE_URL`` is not set),
 logs, ``stack.json`` (addresses only, no secret) and ``stack.env`` (the secrets: the
-database URL, the provider API key and the simulator's admin token), both read by
+database URL, the provider API key, the simulator's admin token, the webhook signing
+secret and the unsubscribe secret), both read by
 ``campaigns.settings.Settings`` so that CLI commands find the stack.
 
 Everything there holds secrets or personal data (recipients, rendered messages), so
 it is private to the user: the supervisor sets its umask to 0o077 (inherited by the
-Temporal server, the simulator and the workers), creates its files 0600 and its
+Temporal server, the simulator, the HTTP service and the workers), creates its files 0600 and its
 directories 0700, and tightens what an earlier run left more open.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import re
@@ -53,6 +55,12 @@ _STACK_OWNED_ENV = (
     "PROVIDER_BASE_URL",
     "SIMULATOR_API_KEYS",
     "SIMULATOR_ADMIN_TOKEN",
+    "SIMULATOR_WEBHOOK_URL",
+    "SIMULATOR_WEBHOOK_SECRET",
+    "WEBHOOK_SECRET",
+    "UNSUBSCRIBE_BASE_URL",
+    "UNSUBSCRIBE_SECRET",
+    "API_PORT",
 )
 # What stack.env may hold unquoted, in both dotenv and POSIX shell syntax.
 _PLAIN_VALUE = re.compile(r"[A-Za-z0-9_@%+=:,./~-]*")
@@ -70,6 +78,7 @@ class StackConfig:
     temporal_port: int = int(os.environ.get("CAMPAIGNS_TEMPORAL_PORT", 7233))
     ui_port: int = int(os.environ.get("CAMPAIGNS_UI_PORT", 8233))
     simulator_port: int = int(os.environ.get("CAMPAIGNS_SIMULATOR_PORT", 8025))
+    api_port: int = int(os.environ.get("CAMPAIGNS_API_PORT", 8090))
     workers: int = 1
     database_url: str | None = field(
         default_factory=lambda: os.environ.get("DATABASE_URL") or None, repr=False
@@ -81,6 +90,14 @@ class StackConfig:
     )
     simulator_admin_token: str | None = field(
         default_factory=lambda: os.environ.get("SIMULATOR_ADMIN_TOKEN", "").strip() or None,
+        repr=False,
+    )
+    webhook_secret: str | None = field(
+        default_factory=lambda: os.environ.get("WEBHOOK_SECRET", "").strip() or None,
+        repr=False,
+    )
+    unsubscribe_secret: str | None = field(
+        default_factory=lambda: os.environ.get("UNSUBSCRIBE_SECRET", "").strip() or None,
         repr=False,
     )
 
@@ -200,6 +217,7 @@ def check_ports_free(config: StackConfig) -> None:
     check_port_free(
         config.simulator_port, "provider simulator", "--simulator-port", "CAMPAIGNS_SIMULATOR_PORT"
     )
+    check_port_free(config.api_port, "HTTP service", "--api-port", "CAMPAIGNS_API_PORT")
 
 
 def _failure_reason(output: str) -> str:
@@ -318,6 +336,12 @@ class LocalStack:
         temporal_address = f"127.0.0.1:{config.temporal_port}"
         ui_url = f"http://localhost:{config.ui_port}"
         simulator_url = f"http://127.0.0.1:{config.simulator_port}"
+        api_url = f"http://127.0.0.1:{config.api_port}"
+        # The simulator signs the webhooks it posts with the secret the service checks.
+        webhook_secret = config.webhook_secret or "whsec_" + base64.b64encode(
+            secrets.token_bytes(32)
+        ).decode("ascii")
+        unsubscribe_secret = config.unsubscribe_secret or secrets.token_urlsafe(32)
         if os.environ.get("PROVIDER_BASE_URL"):
             log.warning(
                 "PROVIDER_BASE_URL is ignored: the local stack sends to its own simulator",
@@ -328,6 +352,10 @@ class LocalStack:
             provider_api_key="from PROVIDER_API_KEY" if config.provider_api_key else "generated",
             simulator_admin_token=(
                 "from SIMULATOR_ADMIN_TOKEN" if config.simulator_admin_token else "generated"
+            ),
+            webhook_secret="from WEBHOOK_SECRET" if config.webhook_secret else "generated",
+            unsubscribe_secret=(
+                "from UNSUBSCRIBE_SECRET" if config.unsubscribe_secret else "generated"
             ),
         )
 
@@ -350,6 +378,9 @@ class LocalStack:
             "PROVIDER_BASE_URL": simulator_url,
             "PROVIDER_API_KEY": api_key,
             "SIMULATOR_ADMIN_TOKEN": admin_token,
+            "WEBHOOK_SECRET": webhook_secret,
+            "UNSUBSCRIBE_BASE_URL": api_url,
+            "UNSUBSCRIBE_SECRET": unsubscribe_secret,
         }
         env_text = "".join(_env_line(key, value) for key, value in settings_env.items())
 
@@ -380,12 +411,31 @@ class LocalStack:
         self._add(
             "simulator",
             [sys.executable, "-m", "simulator", "--port", str(config.simulator_port)],
-            {**base_env, "SIMULATOR_API_KEYS": api_key, "SIMULATOR_ADMIN_TOKEN": admin_token},
+            {
+                **base_env,
+                "SIMULATOR_API_KEYS": api_key,
+                "SIMULATOR_ADMIN_TOKEN": admin_token,
+                "SIMULATOR_WEBHOOK_URL": f"{api_url}/webhooks/resend",
+                "SIMULATOR_WEBHOOK_SECRET": webhook_secret,
+            },
+        )
+        self._add(
+            "api",
+            [sys.executable, "-m", "campaigns.api", "--port", str(config.api_port)],
+            {
+                **base_env,
+                "DATABASE_URL": database_url,
+                "WEBHOOK_SECRET": webhook_secret,
+                "UNSUBSCRIBE_BASE_URL": api_url,
+                "UNSUBSCRIBE_SECRET": unsubscribe_secret,
+                "LOG_FORMAT": "json",
+            },
         )
         await _wait_for(lambda: _temporal_ready(temporal_address, config.namespace), "Temporal")
         client = await Client.connect(temporal_address, namespace=config.namespace)
         log.info("schedule", first_party_refresh=await apply_refresh_schedule(client))
         await _wait_for(lambda: _http_ready(f"{simulator_url}/health"), "provider simulator")
+        await _wait_for(lambda: _http_ready(f"{api_url}/readyz"), "HTTP service")
 
         worker_env = {
             **base_env,
@@ -394,6 +444,8 @@ class LocalStack:
             "DATABASE_URL": database_url,
             "PROVIDER_BASE_URL": simulator_url,
             "PROVIDER_API_KEY": api_key,
+            "UNSUBSCRIBE_BASE_URL": api_url,
+            "UNSUBSCRIBE_SECRET": unsubscribe_secret,
             "LOG_FORMAT": "json",
         }
         for number in range(1, config.workers + 1):
@@ -407,6 +459,7 @@ class LocalStack:
             "temporal_ui_url": ui_url,
             "database": redact_url(database_url),
             "provider_base_url": simulator_url,
+            "api_url": api_url,
             "workers": config.workers,
             "services": {c.name: c.process.pid for c in self.children if c.process},
             "started_at": time.time(),
@@ -510,6 +563,7 @@ async def run_foreground(config: StackConfig) -> int:
             f"  Web UI        {state['temporal_ui_url']}\n"
             f"  PostgreSQL    {state['database']}\n"
             f"  simulator     {state['provider_base_url']}\n"
+            f"  HTTP service  {state['api_url']} (webhooks, unsubscribe)\n"
             f"  workers       {config.workers}\n"
             f"  logs          {config.log_dir}"
         )

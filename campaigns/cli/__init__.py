@@ -290,8 +290,15 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--temporal-port", type=port_arg)
     sub.add_argument("--ui-port", type=port_arg)
     sub.add_argument("--simulator-port", type=port_arg)
+    sub.add_argument("--api-port", type=port_arg)
     add("down", cmd_stack_down, "stop the local stack", group)
     add("status", cmd_stack_status, "show the local stack's addresses", group)
+    sub = add("api", None, "serve the HTTP service: provider webhooks, one-click unsubscribe")
+    sub.add_argument("--host", help="address to bind (API_HOST; default 127.0.0.1)")
+    sub.add_argument("--port", type=port_arg, help="port (API_PORT; default 8090)")
+    sub.add_argument(
+        "--processes", type=_int_in(1, 64), help="processes sharing the port (API_PROCESSES)"
+    )
     sub = add("demo", cmd_demo, "import a demo audience and send a campaign to it, live")
     sub.add_argument("--recipients", type=_int_in(1, MAX_DEMO_RECIPIENTS), default=10_000)
     return parser
@@ -318,6 +325,11 @@ def _unreachable(exc: BaseException) -> str:
 def main(argv: list[str] | None = None) -> None:
     """Run one command and exit with its status."""
     args = _parser().parse_args(argv)
+    if args.command == "api":  # uvicorn runs its own event loop (and processes)
+        from campaigns.api.serve import main as serve_api
+
+        serve_api(args.host, args.port, args.processes)
+        return
     console = Console(stderr=False)
     errors = Console(stderr=True)
     try:

@@ -35,7 +35,7 @@ from campaigns.store import orgs
 def stack_config(args: Namespace) -> StackConfig:
     """Stack settings from flags, falling back to the environment's."""
     config = StackConfig(data_dir=data_dir())
-    for name in ("temporal_port", "ui_port", "simulator_port", "workers"):
+    for name in ("temporal_port", "ui_port", "simulator_port", "api_port", "workers"):
         value = getattr(args, name, None)
         if value is not None:
             setattr(config, name, value)
@@ -50,10 +50,12 @@ async def cmd_stack_up(args: Namespace, settings: Settings, console: Console) ->
     argv = ["stack", "up", "--workers", str(config.workers)]
     argv += ["--temporal-port", str(config.temporal_port), "--ui-port", str(config.ui_port)]
     argv += ["--simulator-port", str(config.simulator_port)]
+    argv += ["--api-port", str(config.api_port)]
     state = start_detached(config, argv)
     console.print(
         f"local stack running (pid {state['pid']}): Temporal {state['temporal_address']}, "
-        f"Web UI {state['temporal_ui_url']}, simulator {state['provider_base_url']}\n"
+        f"Web UI {state['temporal_ui_url']}, simulator {state['provider_base_url']}, "
+        f"HTTP service {state['api_url']}\n"
         "stop it with `campaigns stack down`"
     )
     if os.environ.get("PROVIDER_BASE_URL"):
