@@ -100,6 +100,8 @@ async def start_stack(
         str(ports["ui"]),
         "--simulator-port",
         str(ports["simulator"]),
+        "--api-port",
+        str(ports["api"]),
         "--workers",
         "1",
         env=env,
@@ -134,6 +136,8 @@ async def test_taken_port_gives_a_clear_error(tmp_path: Path) -> None:
             str(free_port()),
             "--ui-port",
             str(free_port()),
+            "--api-port",
+            str(free_port()),
         )
     assert code == 1
     message = " ".join(err.split())
@@ -161,6 +165,8 @@ async def test_taken_port_is_said_first_and_alone_when_detached(tmp_path: Path) 
             str(free_port()),
             "--simulator-port",
             str(free_port()),
+            "--api-port",
+            str(free_port()),
         )
     assert code == 1
     message = " ".join(err.split())
@@ -176,7 +182,7 @@ async def test_stack_runs_the_demo_stops_on_ctrl_c_and_keeps_history(
 ) -> None:
     data_dir = tmp_path / "data"
     env = stack_env(data_dir)
-    ports = {"temporal": free_port(), "ui": free_port(), "simulator": free_port()}
+    ports = {name: free_port() for name in ("temporal", "ui", "simulator", "api")}
 
     process = await start_stack(stacks, env, ports)
     state = await wait_for_file(data_dir / "stack.json", process)
@@ -283,7 +289,7 @@ async def test_stack_files_are_private_and_hold_no_secrets(
         "PROVIDER_API_KEY": api_key,
         "PROVIDER_BASE_URL": "https://api.provider.invalid",
     }
-    ports = {"temporal": free_port(), "ui": free_port(), "simulator": free_port()}
+    ports = {name: free_port() for name in ("temporal", "ui", "simulator", "api")}
     process = await start_stack(stacks, env, ports)
     state = await wait_for_file(data_dir / "stack.json", process)
 
@@ -296,6 +302,7 @@ async def test_stack_files_are_private_and_hold_no_secrets(
         "temporal.db",
         "logs/worker-1.log",
         "logs/simulator.log",
+        "logs/api.log",
     ):
         assert mode(data_dir / name) & 0o077 == 0, name
 
@@ -305,7 +312,11 @@ async def test_stack_files_are_private_and_hold_no_secrets(
     assert written["DATABASE_URL"] == database_url
     admin_token = written["SIMULATOR_ADMIN_TOKEN"]
     assert admin_token and admin_token != api_key
-    secrets = [api_key, admin_token] + ([password] if password else [])
+    webhook_secret, unsubscribe_secret = written["WEBHOOK_SECRET"], written["UNSUBSCRIBE_SECRET"]
+    assert webhook_secret.startswith("whsec_") and len(unsubscribe_secret or "") >= 32
+    assert written["UNSUBSCRIBE_BASE_URL"] == state["api_url"]
+    secrets = [api_key, admin_token, webhook_secret, unsubscribe_secret]
+    secrets += [password] if password else []
     stack_json = (data_dir / "stack.json").read_text()
     assert not [secret for secret in secrets if secret in stack_json]
 
@@ -314,6 +325,9 @@ async def test_stack_files_are_private_and_hold_no_secrets(
         assert (await http.get("/_sim/stats")).status_code == 401
         auth = {"Authorization": f"Bearer {admin_token}"}
         assert (await http.get("/_sim/stats", headers=auth)).status_code == 200
+    async with httpx.AsyncClient(base_url=state["api_url"]) as http:
+        ready = (await http.get("/readyz")).json()
+        assert ready["database"] == "ok" and ready["webhooks"] is True
 
     # The CLI, with nothing exported, finds the database and the admin token; the demo
     # sends through the workers, so the simulator accepted our key.
