@@ -264,7 +264,7 @@ def test_every_dependency_is_a_defined_service(compose: dict[str, Any]) -> None:
 
 def test_project_services_run_commands_that_exist(compose: dict[str, Any]) -> None:
     built = project_services(compose)
-    assert {"migrate", "simulator", "worker"} <= set(built), sorted(built)
+    assert {"migrate", "simulator", "worker", "api"} <= set(built), sorted(built)
     for service in built.values():
         argv = argv_of(service["command"]) if "command" in service else dockerfile_command()
         check_runs_project_code(argv)
@@ -333,12 +333,42 @@ def test_secrets_come_from_the_environment(compose: dict[str, Any]) -> None:
         assert INTERPOLATION.fullmatch(value), f"{service}.{key} is hard-coded: {value!r}"
 
 
+def test_the_http_service_runs_with_its_secrets_and_the_simulator_posts_to_it(
+    compose: dict[str, Any],
+) -> None:
+    api = services(compose)["api"]
+    assert argv_of(api["command"])[:2] == ["campaigns", "api"]
+    assert dependencies(api) == {"migrate": "service_completed_successfully"}
+    env = environment(api)
+    unknown = set(env) - settings_env_names()
+    assert not unknown, f"variables no setting reads: {sorted(unknown)}"
+    for key in ("WEBHOOK_SECRET", "UNSUBSCRIBE_SECRET"):
+        assert INTERPOLATION.fullmatch(env[key]), f"api.{key} is hard-coded"
+        # The worker signs unsubscribe links with the secret the service checks.
+    assert (
+        environment(services(compose)["worker"])["UNSUBSCRIBE_SECRET"] == env["UNSUBSCRIBE_SECRET"]
+    )
+    simulator = environment(services(compose)["simulator"])
+    assert simulator["SIMULATOR_WEBHOOK_SECRET"] == env["WEBHOOK_SECRET"]
+    port = argv_of(api["command"])[argv_of(api["command"]).index("--port") + 1]
+    assert simulator["SIMULATOR_WEBHOOK_URL"] == f"http://api:{port}/webhooks/resend"
+    assert any(str(p).endswith(f":{port}") for p in api["ports"])
+    assert "8090" in COMPOSE_FILE.read_text().split("\nname:", 1)[0]  # documented
+
+
 def test_simulator_admin_token_is_optional_and_documented(compose: dict[str, Any]) -> None:
     from simulator.app import ADMIN_TOKEN_ENV
 
     env = environment(services(compose)["simulator"])
     # Only names the simulator reads (python -m simulator), so none is silently ignored.
-    assert set(env) <= {"SIMULATOR_API_KEYS", ADMIN_TOKEN_ENV, "SIMULATOR_HOST", "SIMULATOR_PORT"}
+    assert set(env) <= {
+        "SIMULATOR_API_KEYS",
+        ADMIN_TOKEN_ENV,
+        "SIMULATOR_HOST",
+        "SIMULATOR_PORT",
+        "SIMULATOR_WEBHOOK_URL",
+        "SIMULATOR_WEBHOOK_SECRET",
+    }
     # Unset, the admin endpoints are refused: Compose must not stop for want of it, and
     # must not fill in a default token anyone could guess.
     assert env[ADMIN_TOKEN_ENV] == "${SIMULATOR_ADMIN_TOKEN:-}"

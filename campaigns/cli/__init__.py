@@ -294,6 +294,7 @@ def _parser() -> argparse.ArgumentParser:
     add("down", cmd_stack_down, "stop the local stack", group)
     add("status", cmd_stack_status, "show the local stack's addresses", group)
     sub = add("api", None, "serve the HTTP service: provider webhooks, one-click unsubscribe")
+    sub.set_defaults(handler=_serve_api)
     sub.add_argument("--host", help="address to bind (API_HOST; default 127.0.0.1)")
     sub.add_argument("--port", type=port_arg, help="port (API_PORT; default 8090)")
     sub.add_argument(
@@ -322,13 +323,18 @@ def _unreachable(exc: BaseException) -> str:
     return text or "the operation failed with no message"
 
 
+def _serve_api(args: argparse.Namespace) -> None:
+    """``campaigns api``: serve the HTTP service until SIGTERM/SIGINT."""
+    from campaigns.api.serve import main as serve
+
+    serve(args.host, args.port, args.processes)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run one command and exit with its status."""
     args = _parser().parse_args(argv)
-    if args.command == "api":  # uvicorn runs its own event loop (and processes)
-        from campaigns.api.serve import main as serve_api
-
-        serve_api(args.host, args.port, args.processes)
+    if args.handler is _serve_api:  # uvicorn runs its own event loop (and processes)
+        _serve_api(args)
         return
     console = Console(stderr=False)
     errors = Console(stderr=True)
