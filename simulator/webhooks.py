@@ -10,9 +10,10 @@ would later report about it (``email.sent``, then ``email.delivered`` or
 
 The plan is a pure function of the message, the configuration and a random generator
 (``plan_message``); the bodies are pure too (``event_body``). ``WebhookSender`` holds
-the I/O: a bounded in-memory queue, drained by a background task that posts at most
+the I/O. The send path only appends accepted messages to a bounded list; background
+tasks plan their events onto a bounded queue and post at most
 ``webhook_concurrency`` messages' events at a time over one shared HTTP session, so
-the send path never waits for a receiver.
+``/emails/batch`` never waits for planning or for a receiver.
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ BounceType = Literal["Permanent", "Transient", "Undetermined"]
 
 MAX_PENDING_EVENTS = 1_000_000
 """Events waiting to be posted; beyond this, new events are dropped (and counted)."""
+MAX_UNPLANNED = 200_000
+"""Accepted messages whose events are not planned yet; beyond this, they get none."""
+_PLAN_CHUNK = 500
 MAX_ADDRESS_LIST = 100_000
 MAX_URL_LENGTH = 2048
 MAX_SECRET_LENGTH = 256
@@ -257,21 +261,14 @@ class _Chain:
     events: deque[PlannedEvent]
 
 
-_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-
-
 def svix_message_id() -> str:
-    """``msg_`` + 27 random base62 characters, like Svix's ids.
+    """``msg_`` + 27 random letters and digits, like Svix's ids.
 
     Never drawn from the seeded generator: a simulator restarted with the same seed
-    must not repeat ids a receiver already stored.
+    must not repeat ids a receiver already stored. (Base64 with letters for its two
+    symbols: cheap on the send path, and still over 150 random bits.)
     """
-    number = int.from_bytes(os.urandom(20), "big")
-    chars = []
-    for _ in range(27):
-        number, digit = divmod(number, 62)
-        chars.append(_ALPHABET[digit])
-    return "msg_" + "".join(chars)
+    return "msg_" + base64.b64encode(os.urandom(21), altchars=b"xZ")[:27].decode()
 
 
 def iso_ms(moment: datetime) -> str:
@@ -379,7 +376,7 @@ def plan_message(
 
     def chosen(listed: frozenset[str], rate: float) -> bool:
         draw = rng.random()  # drawn even when listed, to keep the sequence aligned
-        return any(address in listed for address in to) or draw < rate
+        return draw < rate or bool(listed and not listed.isdisjoint(to))
 
     hard = chosen(lists.hard_bounce, config.hard_bounce_rate)
     soft = chosen(lists.soft_bounce, config.soft_bounce_rate) and not hard
@@ -439,6 +436,7 @@ class WebhookCounts:
     """What the sender did since it started or was last reset."""
 
     queued: int = 0
+    unplanned_dropped: int = 0
     posted: int = 0
     retried: int = 0
     failed_attempts: int = 0
@@ -462,10 +460,15 @@ class WebhookSender:
         *,
         seed: int | None = None,
         max_pending: int = MAX_PENDING_EVENTS,
+        max_unplanned: int = MAX_UNPLANNED,
     ) -> None:
         """Build an idle sender; ``seed`` makes its choices reproducible."""
         self._config = config
         self._max_pending = max_pending
+        self._max_unplanned = max_unplanned
+        # Accepted messages waiting to be planned: (message, its HTML, when accepted).
+        self._unplanned: deque[tuple[MessageRecord, Any, float]] = deque()
+        self._unplanned_wake = asyncio.Event()
         self.rng = random.Random()
         self.reseed(seed)
         self.counts = WebhookCounts()
@@ -489,18 +492,37 @@ class WebhookSender:
     # -- what the send path and the admin API call ---------------------------------------
 
     def accepted(self, email_id: str, email: Mapping[str, Any], accepted_at: datetime) -> None:
-        """Remember an accepted message and, when webhooks are on, queue its events.
+        """Remember an accepted message and, when webhooks are on, hand it to the planner.
 
-        Only planning happens here (a few random draws); bodies are built and posted
-        by the background task.
+        This runs on the send path, so it only appends: the background tasks plan the
+        events, build the bodies and post them.
         """
         config = self._config()
         message = MessageRecord.of(email_id, email, accepted_at)
         self._remember(message, config.webhook_keep_messages)
         if config.webhook_url is None:
             return
-        events = plan_message(message, email.get("html"), config, self._lists_of(config), self.rng)
-        self._enqueue(message, events, config.webhook_delay_ms / 1000)
+        if len(self._unplanned) >= self._max_unplanned:
+            self.counts.unplanned_dropped += 1
+            return
+        self._unplanned.append((message, email.get("html"), time.monotonic()))
+        self._unplanned_wake.set()
+
+    def plan_waiting(self, limit: int = _PLAN_CHUNK) -> int:
+        """Plan and queue the events of up to ``limit`` accepted messages; how many."""
+        config = self._config()
+        lists = self._lists_of(config)
+        delay = config.webhook_delay_ms / 1000
+        count = min(limit, len(self._unplanned))
+        now = time.monotonic()
+        for _ in range(count):
+            message, html, accepted = self._unplanned.popleft()
+            if config.webhook_url is None:
+                continue
+            events = plan_message(message, html, config, lists, self.rng)
+            # The delay counts from acceptance, not from planning.
+            self._enqueue(message, events, accepted + delay - now)
+        return count
 
     def message(self, email_id: str) -> MessageRecord | None:
         """An accepted message still remembered, by the id ``/emails/batch`` returned."""
@@ -528,6 +550,8 @@ class WebhookSender:
         counts = self.counts
         return {
             "enabled": self._config().webhook_url is not None,
+            "unplanned": len(self._unplanned),
+            "unplanned_dropped": counts.unplanned_dropped,
             "queued": counts.queued,
             "pending": self._pending,
             "in_flight": len(self._active),
@@ -548,6 +572,7 @@ class WebhookSender:
         self._slot.set()
         while not self._ready.empty():
             self._ready.get_nowait()
+        self._unplanned.clear()
         self._later.clear()
         self._messages.clear()
         self._pending = 0
@@ -560,6 +585,7 @@ class WebhookSender:
         # No connection limit of the session's own: webhook_concurrency is the limit.
         self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         self._tasks = [
+            asyncio.create_task(self._plan(), name="webhook-plan"),
             asyncio.create_task(self._dispatch(), name="webhook-dispatch"),
             asyncio.create_task(self._release_later(), name="webhook-timers"),
         ]
@@ -605,6 +631,16 @@ class WebhookSender:
             return
         heapq.heappush(self._later, (time.monotonic() + delay, next(self._order), chain))
         self._wake.set()
+
+    async def _plan(self) -> None:
+        """Plan accepted messages in chunks, letting other work run between them."""
+        while True:
+            self._unplanned_wake.clear()
+            if not self._unplanned:
+                await self._unplanned_wake.wait()
+                continue
+            self.plan_waiting()
+            await asyncio.sleep(0)
 
     async def _release_later(self) -> None:
         """Move delayed chains (the configured delay, retry backoff) to the ready queue."""
