@@ -5,21 +5,22 @@ It serves ``POST /emails/batch`` as the real API does (bearer auth, idempotency 
 need: injected latency and faults, a request rate limit, and a count of deliveries
 per recipient so that exactly-once can be asserted from outside.
 
-Like the provider, it reports on accepted messages with signed webhook events
+Like the provider, it reports on accepted messages with webhook events
 (``email.sent``, ``email.delivered``, ``email.bounced``, ``email.opened`` ...) posted
-to ``webhook_url`` in the background, with Svix's headers and retries, and on demand
-bounces, complaints, opens, duplicates and out-of-order deliveries
-(``simulator.webhooks``). Answers to ``/emails/batch`` never wait for them.
+to ``webhook_url`` in the background, signed and retried as Svix does. Rates and
+address lists choose bounces, complaints, opens, clicks, duplicate deliveries and
+out-of-order posting (``simulator.webhooks``). Answers to ``/emails/batch`` never
+wait for them.
 
 Admin endpoints live under ``/_sim/``: ``stats``, ``deliveries``, ``messages``,
 ``config`` (GET/PUT), ``faults`` (POST a script of upcoming answers), ``webhooks``
 (GET the webhook counts), ``events`` (POST one event for an accepted message) and
-``reset``.
-They serve whole rendered messages, so they require the simulator's admin token, sent
-as ``Authorization: Bearer <token>`` (the token is ``SIMULATOR_ADMIN_TOKEN`` for
-``python -m simulator``, or the ``admin_token`` argument). Without a configured token
-they are refused. The admin token is never one of the API keys and is never shown by
-``GET /_sim/config``, nor is the webhook secret. ``/health`` is open.
+``reset`` (webhook state included). They serve whole rendered messages, so they
+require the simulator's admin token, sent as ``Authorization: Bearer <token>`` (the
+token is ``SIMULATOR_ADMIN_TOKEN`` for ``python -m simulator``, or the ``admin_token``
+argument). Without a configured token they are refused. The admin token is never one
+of the API keys and is never shown by ``GET /_sim/config``, nor is the webhook
+secret. ``/health`` is open.
 """
 
 from __future__ import annotations
