@@ -5,13 +5,22 @@ It serves ``POST /emails/batch`` as the real API does (bearer auth, idempotency 
 need: injected latency and faults, a request rate limit, and a count of deliveries
 per recipient so that exactly-once can be asserted from outside.
 
+Like the provider, it reports on accepted messages with webhook events
+(``email.sent``, ``email.delivered``, ``email.bounced``, ``email.opened`` ...) posted
+to ``webhook_url`` in the background, signed and retried as Svix does. Rates and
+address lists choose bounces, complaints, opens, clicks, duplicate deliveries and
+out-of-order posting (``simulator.webhooks``). Answers to ``/emails/batch`` never
+wait for them.
+
 Admin endpoints live under ``/_sim/``: ``stats``, ``deliveries``, ``messages``,
-``config`` (GET/PUT), ``faults`` (POST a script of upcoming answers) and ``reset``.
-They serve whole rendered messages, so they require the simulator's admin token, sent
-as ``Authorization: Bearer <token>`` (the token is ``SIMULATOR_ADMIN_TOKEN`` for
-``python -m simulator``, or the ``admin_token`` argument). Without a configured token
-they are refused. The admin token is never one of the API keys and is never shown by
-``GET /_sim/config``. ``/health`` is open.
+``config`` (GET/PUT), ``faults`` (POST a script of upcoming answers), ``webhooks``
+(GET the webhook counts), ``events`` (POST one event for an accepted message) and
+``reset`` (webhook state included). They serve whole rendered messages, so they
+require the simulator's admin token, sent as ``Authorization: Bearer <token>`` (the
+token is ``SIMULATOR_ADMIN_TOKEN`` for ``python -m simulator``, or the ``admin_token``
+argument). Without a configured token they are refused. The admin token is never one
+of the API keys and is never shown by ``GET /_sim/config``, nor is the webhook
+secret. ``/health`` is open.
 """
 
 from __future__ import annotations
@@ -24,13 +33,16 @@ import random
 import re
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import orjson
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from simulator.webhooks import BounceType, EventType, WebhookSender, WebhookSettings
 
 MAX_BATCH = 100
 MAX_TO = 50
@@ -59,8 +71,12 @@ class ScriptedFault(BaseModel):
     retry_after: float | None = None
 
 
-class SimulatorConfig(BaseModel):
-    """Behaviour knobs; all can be changed at run time with ``PUT /_sim/config``."""
+class SimulatorConfig(WebhookSettings):
+    """Behaviour knobs; all can be changed at run time with ``PUT /_sim/config``.
+
+    The webhook fields (``webhook_url``, ``webhook_secret``, the rates and address
+    lists ...) come from ``WebhookSettings``.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -75,6 +91,32 @@ class SimulatorConfig(BaseModel):
     )
     keep_messages: int = Field(default=10_000, ge=0, description="Last N messages kept.")
     seed: int | None = None
+
+
+# Never shown by GET /_sim/config: credentials.
+_HIDDEN_CONFIG = {"api_keys", "webhook_secret"}
+
+
+class EventRequest(BaseModel):
+    """``POST /_sim/events``: one event to post now for a message the simulator accepted."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    email_id: str = Field(min_length=1, max_length=100)
+    type: EventType
+    bounce_type: BounceType | None = Field(
+        default=None, description="For email.bounced: Permanent (hard, the default) or Transient."
+    )
+    link: str | None = Field(default=None, max_length=2000, pattern=r"^https?://")
+    reason: str | None = Field(default=None, max_length=200, description="For email.failed.")
+
+
+def validation_message(exc: ValidationError) -> str:
+    """The errors by field, without the rejected values (one may be a secret)."""
+    return "; ".join(
+        f"{'.'.join(str(part) for part in error['loc']) or 'body'}: {error['msg']}"
+        for error in exc.errors(include_url=False, include_input=False)
+    )
 
 
 def _message_id() -> str:
@@ -180,9 +222,11 @@ class Simulator:
         self.state = SimulatorState(config=config)
         if self.state.config.seed is not None:
             self.state.rng.seed(self.state.config.seed)
+        self.webhooks = WebhookSender(lambda: self.state.config, seed=config.seed)
         self.app = web.Application(
             client_max_size=16 * 1024 * 1024, middlewares=[self._guard_admin]
         )
+        self.app.cleanup_ctx.append(self._run_webhooks)
         self.app.add_routes(
             [
                 web.post("/emails/batch", self.send_batch),
@@ -192,10 +236,18 @@ class Simulator:
                 web.get("/_sim/config", self.get_config),
                 web.put("/_sim/config", self.put_config),
                 web.post("/_sim/faults", self.add_faults),
+                web.get("/_sim/webhooks", self.webhook_counts),
+                web.post("/_sim/events", self.post_event),
                 web.post("/_sim/reset", self.reset),
                 web.get("/health", self.health),
             ]
         )
+
+    async def _run_webhooks(self, app: web.Application) -> AsyncIterator[None]:
+        """The webhook sender lives as long as the app (``start_simulator``, ``run_app``)."""
+        await self.webhooks.start()
+        yield
+        await self.webhooks.stop()
 
     @property
     def admin_enabled(self) -> bool:
@@ -333,13 +385,14 @@ class Simulator:
             return _error(fault.status, "application_error", "Injected fault after accepting.")
         return web.Response(body=orjson.dumps(payload), content_type="application/json")
 
-    @staticmethod
     def _accept(
-        emails: list[dict[str, Any]], state: SimulatorState, config: SimulatorConfig
+        self, emails: list[dict[str, Any]], state: SimulatorState, config: SimulatorConfig
     ) -> dict[str, Any]:
         data = []
+        accepted_at = datetime.now(UTC)
         for email in emails:
             message_id = _message_id()
+            self.webhooks.accepted(message_id, email, accepted_at)
             to = email["to"] if isinstance(email["to"], list) else [email["to"]]
             for address in to:
                 state.deliveries[address.lower()] += 1
@@ -398,9 +451,15 @@ class Simulator:
         ]
         return web.json_response(found)
 
+    def _shown_config(self) -> dict[str, Any]:
+        config = self.state.config
+        shown = config.model_dump(exclude=_HIDDEN_CONFIG)
+        shown["webhook_secret_set"] = config.webhook_secret is not None
+        return shown
+
     async def get_config(self, request: web.Request) -> web.Response:
-        """Current configuration (keys are not shown)."""
-        return web.json_response(self.state.config.model_dump(exclude={"api_keys"}))
+        """Current configuration (keys and the webhook secret are not shown)."""
+        return web.json_response(self._shown_config())
 
     async def put_config(self, request: web.Request) -> web.Response:
         """Merge the posted fields into the configuration."""
@@ -410,6 +469,8 @@ class Simulator:
                 return _error(422, "validation_error", "The body must be a JSON object.")
             merged = {**self.state.config.model_dump(), **update}
             config = SimulatorConfig.model_validate(merged)
+        except ValidationError as exc:
+            return _error(422, "validation_error", validation_message(exc))
         except ValueError as exc:
             return _error(422, "validation_error", str(exc))
         if self._is_admin_token_among(config.api_keys):
@@ -417,7 +478,8 @@ class Simulator:
         self.state.config = config
         if "seed" in update and self.state.config.seed is not None:
             self.state.rng.seed(self.state.config.seed)
-        return web.json_response(self.state.config.model_dump(exclude={"api_keys"}))
+            self.webhooks.reseed(self.state.config.seed)
+        return web.json_response(self._shown_config())
 
     async def add_faults(self, request: web.Request) -> web.Response:
         """Queue scripted answers for the next batch requests."""
@@ -428,9 +490,47 @@ class Simulator:
         self.state.faults.extend(faults)
         return web.json_response({"pending_faults": len(self.state.faults)})
 
+    async def webhook_counts(self, request: web.Request) -> web.Response:
+        """Webhook events queued, pending, posted (2xx), retried, given up, by type."""
+        return web.json_response(self.webhooks.snapshot())
+
+    async def post_event(self, request: web.Request) -> web.Response:
+        """Queue one event for an accepted message (a complaint, a late delivery ...)."""
+        try:
+            body = orjson.loads(await request.read())
+            asked = EventRequest.model_validate(body)
+        except orjson.JSONDecodeError:
+            return _error(422, "validation_error", "The request body is not valid JSON.")
+        except ValidationError as exc:
+            return _error(422, "validation_error", validation_message(exc))
+        if self.state.config.webhook_url is None:
+            return _error(
+                409,
+                "webhooks_disabled",
+                "No webhook_url is configured: set it with PUT /_sim/config.",
+            )
+        message = self.webhooks.message(asked.email_id)
+        if message is None:
+            return _error(
+                404,
+                "not_found",
+                f"No accepted message has the id {asked.email_id!r} "
+                "(or it is older than the last webhook_keep_messages messages).",
+            )
+        event = self.webhooks.post_one(
+            message, asked.type, bounce_type=asked.bounce_type, link=asked.link, reason=asked.reason
+        )
+        if event is None:
+            return _error(503, "queue_full", "The webhook queue is full; the event was dropped.")
+        return web.json_response(
+            {"svix_id": event.svix_id, "type": event.type, "email_id": message.email_id},
+            status=202,
+        )
+
     async def reset(self, request: web.Request) -> web.Response:
-        """Forget everything but the configuration."""
+        """Forget everything but the configuration, webhook events and counts included."""
         self.state.reset()
+        self.webhooks.reset()
         return web.json_response({"reset": True})
 
     async def health(self, request: web.Request) -> web.Response:
