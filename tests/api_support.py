@@ -31,9 +31,10 @@ def free_port() -> int:
 
 @contextlib.asynccontextmanager
 async def serve_api(settings: Settings, **updates: Any) -> AsyncIterator[str]:
-    """Serve the app on a free port for the block; yield its base URL."""
+    """Serve the app for the block (on ``api_port`` if given, else a free port); yield its
+    base URL."""
     settings = settings.model_copy(update={"webhook_secret": SecretStr(WEBHOOK_SECRET), **updates})
-    port = free_port()
+    port = updates.get("api_port") or free_port()
     config = uvicorn.Config(
         create_app(settings),
         host="127.0.0.1",
