@@ -15,6 +15,7 @@ its path, the body read with its own limit, the answer written directly.
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -50,8 +51,32 @@ async def _answer(send: Send, status: int, body: bytes, *extra: tuple[bytes, byt
     await send({"type": "http.response.body", "body": body})
 
 
+class _RefusalLog:
+    """One line per refusal, but at most ``per_window`` per reason each ``window``
+    seconds: a flood of bad requests must not become a flood of log lines. The lines
+    left out are counted in the next one."""
+
+    def __init__(self, per_window: int = 20, window: float = 10.0) -> None:
+        self._per_window, self._window = per_window, window
+        self._seen: dict[str, tuple[float, int, int]] = {}  # reason -> start, logged, left out
+
+    def __call__(self, status: int, code: str) -> None:
+        now = time.monotonic()
+        start, logged, left_out = self._seen.get(code, (now, 0, 0))
+        if now - start >= self._window:
+            start, logged = now, 0
+        if logged < self._per_window:
+            log.info("webhook refused", status=status, reason=code, not_logged_before=left_out)
+            self._seen[code] = (start, logged + 1, 0)
+        else:
+            self._seen[code] = (start, logged, left_out + 1)
+
+
+_log_refusal = _RefusalLog()
+
+
 async def _refuse(send: Send, status: int, code: str, message: str, **headers: str) -> None:
-    log.info("webhook refused", status=status, reason=code)
+    _log_refusal(status, code)
     body = orjson.dumps({"error": code, "message": message})
     await _answer(send, status, body, *((k.encode(), v.encode()) for k, v in headers.items()))
 

@@ -20,6 +20,8 @@ _LIST = """SELECT o.id, o.name, count(a.id) AS audiences FROM orgs o
                LEFT JOIN audiences a ON a.org_id = o.id GROUP BY o.id ORDER BY o.id"""
 _SUPPRESS = """INSERT INTO suppressions (org_id, email, reason) VALUES ($1, $2, $3)
                ON CONFLICT (org_id, email) DO UPDATE SET reason = EXCLUDED.reason"""
+_SUPPRESSED_BY = """SELECT reason, count(*) FROM suppressions
+               WHERE org_id = $1 AND campaign_id = $2 GROUP BY reason"""
 _SUPPRESS_NEW = """INSERT INTO suppressions (org_id, email, reason) VALUES ($1, $2, $3)
                ON CONFLICT DO NOTHING"""
 
@@ -69,3 +71,10 @@ async def suppress(
     await conn.executemany(
         _SUPPRESS_NEW if keep_reason else _SUPPRESS, [(org, email, reason) for email in emails]
     )
+
+
+async def suppressed_by(conn: Conn, org: str, campaign_id: str) -> dict[str, int]:
+    """How many of the org's addresses a campaign's messages got suppressed, by reason
+    (bounced, complained, unsubscribed)."""
+    rows = await conn.fetch(_SUPPRESSED_BY, org, campaign_id)
+    return {row["reason"]: row["count"] for row in rows}
