@@ -313,11 +313,3 @@ def one_click_requested(form: Mapping[str, list[str]]) -> bool:
     """Whether a parsed form body asks to unsubscribe: RFC 8058's
     ``List-Unsubscribe=One-Click``, or the page's ``confirm=1``."""
     return "One-Click" in form.get("List-Unsubscribe", []) or "1" in form.get("confirm", [])
-
-
-def mask_address(address: str) -> str:
-    """A form of an address that shows whose it is without giving it away: ``j***@example.com``."""
-    local, at, domain = address.rpartition("@")
-    if not at:
-        return "***"
-    return f"{local[:1]}***@{domain}"
