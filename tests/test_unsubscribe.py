@@ -4,8 +4,10 @@ free port, the real PostgreSQL, and messages sent by a real campaign."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import socket
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,7 @@ from tests.helpers import (
 )
 from workflows import CampaignWorkflow
 
+ROOT = Path(__file__).resolve().parent.parent
 ONE_CLICK = {"content-type": "application/x-www-form-urlencoded"}
 ONE_CLICK_BODY = b"List-Unsubscribe=One-Click"
 
@@ -451,3 +454,46 @@ async def test_every_message_of_a_campaign_carries_a_one_click_link_to_its_recip
     assert row is not None and row["campaign_id"] == spec.campaign_id
     count = await counter(pool, spec.campaign_id)
     assert count is not None and count["unsubscribed"] == 1
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({}, "UNSUBSCRIBE_BASE_URL"),
+        ({"UNSUBSCRIBE_BASE_URL": "https://u.example"}, "UNSUBSCRIBE_SECRET"),
+        (
+            {"UNSUBSCRIBE_BASE_URL": "https://u.example", "UNSUBSCRIBE_SECRET": "too-short-1"},
+            "UNSUBSCRIBE_SECRET",
+        ),
+        (
+            {"UNSUBSCRIBE_BASE_URL": "u.example", "UNSUBSCRIBE_SECRET": "k" * 40},
+            "UNSUBSCRIBE_BASE_URL",
+        ),
+    ],
+)
+async def test_a_worker_without_unsubscribe_settings_exits_2_naming_the_variable(
+    settings: Settings, tmp_path: Path, env: dict[str, str], named: str
+) -> None:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("UNSUBSCRIBE_")}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "worker.py",
+        cwd=ROOT,
+        env={
+            **clean,
+            **env,
+            "DATABASE_URL": settings.database_url or "",
+            "PROVIDER_BASE_URL": settings.provider_base_url or "",
+            "PROVIDER_API_KEY": "re_unused",
+            "CAMPAIGNS_DATA_DIR": str(tmp_path),  # no local stack's settings
+            "LOG_FORMAT": "json",
+        },
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=60)
+    output = (stdout + stderr).decode()
+    assert process.returncode == 2, output
+    assert "worker cannot start" in output and named in output
+    assert "too-short-1" not in output and "k" * 40 not in output
+    assert "Traceback" not in output
