@@ -3,7 +3,8 @@
 Settings come from the environment (see ``campaigns.settings``): ``TEMPORAL_ADDRESS``,
 ``TEMPORAL_NAMESPACE``, ``CAMPAIGNS_TASK_QUEUE``, ``DATABASE_URL``,
 ``PROVIDER_BASE_URL``, ``PROVIDER_API_KEY`` and ``WORKER_QUEUES`` (``campaigns``,
-``maintenance`` or both, the default). SIGTERM or SIGINT stops polling, lets
+``maintenance`` or both, the default); a ``campaigns`` worker also needs
+``UNSUBSCRIBE_BASE_URL`` and ``UNSUBSCRIBE_SECRET``. SIGTERM or SIGINT stops polling, lets
 in-flight activities finish for ``WORKER_GRACEFUL_SHUTDOWN_SECONDS``, then hands the
 rest back to Temporal, which retries them on another worker.
 
@@ -41,6 +42,7 @@ from campaigns.schedules import MAINTENANCE_TASK_QUEUE, refresh_once
 from campaigns.sender_identity import SendingDomains
 from campaigns.settings import Settings
 from campaigns.temporal import connect
+from campaigns.unsubscribe import UnsubscribeConfigError, UnsubscribeLinks
 from workflows import CampaignWorkflow, RefreshFirstPartyOrgsWorkflow
 
 log = structlog.get_logger("worker")
@@ -75,6 +77,7 @@ def build_workers(
             provider,
             SendingDomains(settings.shared_sending_domain, settings.shared_tracking_host),
             refresh_first_party=lambda: refresh_once(client),
+            unsubscribe=unsubscribe_links_from(settings),
         )
         workers.append(
             Worker(
@@ -140,6 +143,21 @@ def provider_from(settings: Settings) -> ProviderClient:
 
 class ConfigurationError(Exception):
     """A setting that waiting cannot fix: the worker exits at once, saying which."""
+
+
+def unsubscribe_links_from(settings: Settings) -> UnsubscribeLinks:
+    """The signer of every message's unsubscribe link (``UNSUBSCRIBE_BASE_URL``,
+    ``UNSUBSCRIBE_SECRET``, ``UNSUBSCRIBE_PREVIOUS_SECRETS``, ``UNSUBSCRIBE_MAILTO``).
+
+    Raises:
+        ConfigurationError: naming the variable that is missing or wrong.
+    """
+    try:
+        return UnsubscribeLinks.from_settings(settings)
+    except UnsubscribeConfigError as exc:
+        raise ConfigurationError(
+            f"{exc}; the worker signs every message's unsubscribe link"
+        ) from None
 
 
 RETRY_FIRST_SECONDS = 1.0
@@ -227,6 +245,8 @@ async def run(settings: Settings) -> None:
         database_url = settings.require_database_url()
     except RuntimeError as exc:
         raise ConfigurationError(str(exc)) from None
+    if "campaigns" in queues:
+        unsubscribe_links_from(settings)  # refused now, before waiting for any server
     try:
         provider = provider_from(settings)
     except RuntimeError as exc:

@@ -19,6 +19,8 @@ statement. Retrying a batch is always safe:
 from __future__ import annotations
 
 import asyncio
+import html
+import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -54,11 +56,16 @@ from campaigns.sender_identity import SenderIdentity, SendingDomains, sender_ide
 from campaigns.store import campaigns as campaign_rows
 from campaigns.store import ledger
 from campaigns.store.ledger import PlanScope, RecipientRow
-from campaigns.templates import CompiledTemplate, compile_template
+from campaigns.templates import UNSUBSCRIBE_URL_FIELD, CompiledTemplate, compile_template
+from campaigns.unsubscribe import UnsubscribeLinks
 
 log = structlog.get_logger(__name__)
 
 REQUESTS_IN_FLIGHT_PER_BATCH = 10
+# Stands in for the unsubscribe link while an html body's links are pointed at the
+# tracking host: the link goes straight to the unsubscribe page, never through a
+# click redirect. Letters and digits only, so escaping and quoting leave it as it is.
+_UNSUBSCRIBE_MARK = "unsubscribeurl" + secrets.token_hex(16)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,18 +105,35 @@ class _Campaign:
             tags=tags,
         )
 
-    def render(self, row: RecipientRow, identity: SenderIdentity) -> dict[str, object]:
-        values = {**row.merge_fields, "email": row.email, "name": row.name}
+    def render(
+        self, row: RecipientRow, identity: SenderIdentity, unsubscribe: UnsubscribeLinks
+    ) -> dict[str, object]:
+        """One email of the provider's batch body, with its unsubscribe headers.
+
+        Deterministic: the same recipient renders the same email, so a retried request
+        carries the same body under its idempotency key.
+        """
+        url = unsubscribe.url(self.org, self.campaign_id, row.id)
+        values = {
+            **row.merge_fields,
+            "email": row.email,
+            "name": row.name,
+            UNSUBSCRIBE_URL_FIELD: url,
+        }
         email: dict[str, object] = {
             "from": identity.from_address,
             "to": [row.email],
             "subject": self.subject.render(values),
             "tags": self.tags,
+            "headers": unsubscribe.headers(self.org, self.campaign_id, row.id),
         }
         if self.html:
-            body = self.html.render(values)
             if self.html_has_links:
+                body = self.html.render({**values, UNSUBSCRIBE_URL_FIELD: _UNSUBSCRIBE_MARK})
                 body = track_links(body, identity, self.campaign_id, row.id)
+                body = body.replace(_UNSUBSCRIBE_MARK, html.escape(url))
+            else:
+                body = self.html.render(values)
             email["html"] = body
         if self.text:
             email["text"] = self.text.render(values)
@@ -183,8 +207,13 @@ class SendingActivities:
         provider: ProviderClient,
         domains: SendingDomains,
         refresh_first_party: Callable[[], Awaitable[object]] | None = None,
+        *,
+        unsubscribe: UnsubscribeLinks,
     ) -> None:
         """Share ``pool`` and ``provider`` across all batches of this process.
+
+        ``unsubscribe`` signs the link of each message (its ``List-Unsubscribe``
+        headers and ``{{ unsubscribe_url }}``).
 
         ``refresh_first_party`` runs one first-party refresh (on the maintenance task
         queue); it is called only when no snapshot was ever published, and a batch
@@ -193,6 +222,7 @@ class SendingActivities:
         self._pool = pool
         self._provider = provider
         self._domains = domains
+        self._unsubscribe = unsubscribe
         self._first_party = FirstPartySnapshotCache(pool, bootstrap=refresh_first_party)
         self._campaigns: OrderedDict[tuple[str, str], _Campaign] = OrderedDict()
 
@@ -397,7 +427,7 @@ class SendingActivities:
         if pairs is None:
             body = [row for row in members if not row.suppressed]
             if body:
-                emails = [campaign.render(row, identity) for row in body]
+                emails = [campaign.render(row, identity, self._unsubscribe) for row in body]
                 reply = await self._provider.send_batch(emails, key)
                 if reply.kind is ReplyKind.ACCEPTED:
                     pairs = accepted[key] = [

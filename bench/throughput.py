@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import json
 import os
+import secrets
 import statistics
 import sys
 import tempfile
@@ -65,6 +66,7 @@ from campaigns.models import (  # noqa: E402
 )
 from campaigns.provider import ProviderClient  # noqa: E402
 from campaigns.sender_identity import SendingDomains  # noqa: E402
+from campaigns.unsubscribe import UnsubscribeLinks  # noqa: E402
 
 TEMPORAL = "temporal"
 PLAIN = "plain asyncio loop"
@@ -170,7 +172,9 @@ async def send_plain_loop(ctx: Context, spec: CampaignSpec) -> int:
     planning = PlanningActivities(bench.pool)
     settings = bench.settings
     domains = SendingDomains(settings.shared_sending_domain, settings.shared_tracking_host)
-    sending = SendingActivities(bench.pool, ctx.provider, domains)
+    # Signed as a worker signs them, so the loop's bodies cost what the worker's do.
+    links = UnsubscribeLinks("https://unsubscribe.bench.example", secrets.token_urlsafe(32))
+    sending = SendingActivities(bench.pool, ctx.provider, domains, unsubscribe=links)
     counts = CampaignCounts()
     plan = await planning.prepare_campaign(spec)
     limit = asyncio.Semaphore(spec.window)

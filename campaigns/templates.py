@@ -21,8 +21,12 @@ _NAME = re.compile(r"[^\W\d]\w*")
 _PLACEHOLDER = re.compile(r"\{\{([^{}]*)\}\}")
 _UNCLOSED = re.compile(r"\{\{(?![^{}]*\}\})")
 
-BUILTIN_FIELDS = frozenset({"email", "name"})
-"""Fields every recipient has, whatever columns its audience was imported with."""
+UNSUBSCRIBE_URL_FIELD = "unsubscribe_url"
+"""The recipient's one-click unsubscribe link, filled in by the send path."""
+BUILTIN_FIELDS = frozenset({"email", "name", UNSUBSCRIBE_URL_FIELD})
+"""Fields every message has, whatever columns its audience was imported with: the
+recipient's address and name, and its unsubscribe link. They win over a CSV column of
+the same name."""
 
 
 class TemplateError(ValueError):

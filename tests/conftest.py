@@ -152,6 +152,9 @@ def settings(database_url: str, simulator_url: str, temporal_env: WorkflowEnviro
         provider_base_url=simulator_url,
         provider_api_key=SecretStr(TEST_API_KEY),
         worker_graceful_shutdown_seconds=5,
+        # Nothing listens on port 1: links are signed and read back, never followed.
+        unsubscribe_base_url="http://127.0.0.1:1",
+        unsubscribe_secret=SecretStr("test-unsubscribe-secret-0123456789abcdef"),
     )
 
 

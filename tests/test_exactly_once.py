@@ -31,6 +31,7 @@ from campaigns.models import BatchOutcome, BatchRange, PlanBatchesInput, SendBat
 from campaigns.provider import ProviderClient
 from campaigns.sender_identity import SendingDomains
 from campaigns.settings import Settings
+from campaigns.unsubscribe import UnsubscribeLinks
 from tests.conftest import TEST_API_KEY
 from tests.helpers import (
     SimulatorControl,
@@ -46,7 +47,9 @@ from tests.helpers import (
 async def sending(pool: asyncpg.Pool, settings: Settings) -> AsyncIterator[SendingActivities]:
     provider = ProviderClient(settings.provider_base_url or "", SecretStr(TEST_API_KEY))
     domains = SendingDomains(settings.shared_sending_domain, settings.shared_tracking_host)
-    yield SendingActivities(pool, provider, domains)
+    yield SendingActivities(
+        pool, provider, domains, unsubscribe=UnsubscribeLinks.from_settings(settings)
+    )
     await provider.aclose()
 
 

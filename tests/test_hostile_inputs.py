@@ -41,6 +41,7 @@ from campaigns.sender_identity import SendingDomains
 from campaigns.settings import Settings
 from campaigns.spec_check import InvalidSpec, check_timing, parse_spec
 from campaigns.store.templates import store_templates
+from campaigns.unsubscribe import UnsubscribeLinks
 from tests.conftest import TASK_QUEUE, TEST_API_KEY
 from tests.helpers import (
     SimulatorControl,
@@ -130,7 +131,9 @@ async def test_activities_refuse_rows_outside_the_campaigns_org_in_sql(
     plan = await PlanningActivities(pool).prepare_campaign(spec)
     provider = ProviderClient(settings.provider_base_url or "", SecretStr(TEST_API_KEY))
     domains = SendingDomains(settings.shared_sending_domain, settings.shared_tracking_host)
-    sending = SendingActivities(pool, provider, domains)
+    sending = SendingActivities(
+        pool, provider, domains, unsubscribe=UnsubscribeLinks.from_settings(settings)
+    )
     try:
         for org, audience_id in ((acme, other.audience_id), (victim, plan.audience_id)):
             page = PlanBatchesInput(
