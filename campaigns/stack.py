@@ -30,6 +30,7 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -112,6 +113,11 @@ class StackConfig:
         return self.data_dir / STACK_ENV_FILE_NAME
 
     @property
+    def secrets_file(self) -> Path:
+        """``secrets.env`` (0600): secrets the stack made once and keeps across restarts."""
+        return self.data_dir / "secrets.env"
+
+    @property
     def log_dir(self) -> Path:
         """Where each service logs."""
         return self.data_dir / "logs"
@@ -184,6 +190,25 @@ def _tighten(path: Path, *, directory: bool) -> None:
         pass  # removed meanwhile
     except PermissionError:
         log.warning("cannot make private (not its owner?)", path=str(path))
+
+
+def kept_secrets(path: Path, makers: dict[str, Callable[[], str]]) -> dict[str, str]:
+    """The secrets in ``path`` (NAME=value lines), each missing one made and added.
+
+    The file is written 0600; a value that is not one plain token is made anew.
+    """
+    kept: dict[str, str] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition("=")
+            if name in makers and _PLAIN_VALUE.fullmatch(value) and value:
+                kept[name] = value
+    if set(kept) != set(makers):
+        for name, make in makers.items():
+            if name not in kept:
+                kept[name] = make()
+        write_private(path, "".join(f"{name}={kept[name]}\n" for name in makers))
+    return kept
 
 
 def _env_line(name: str, value: str) -> str:
@@ -338,10 +363,18 @@ class LocalStack:
         simulator_url = f"http://127.0.0.1:{config.simulator_port}"
         api_url = f"http://127.0.0.1:{config.api_port}"
         # The simulator signs the webhooks it posts with the secret the service checks.
-        webhook_secret = config.webhook_secret or "whsec_" + base64.b64encode(
-            secrets.token_bytes(32)
-        ).decode("ascii")
-        unsubscribe_secret = config.unsubscribe_secret or secrets.token_urlsafe(32)
+        # Both secrets outlive a restart: links in mail already sent must keep working.
+        kept = kept_secrets(
+            config.secrets_file,
+            {
+                "WEBHOOK_SECRET": lambda: (
+                    "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode("ascii")
+                ),
+                "UNSUBSCRIBE_SECRET": lambda: secrets.token_urlsafe(32),
+            },
+        )
+        webhook_secret = config.webhook_secret or kept["WEBHOOK_SECRET"]
+        unsubscribe_secret = config.unsubscribe_secret or kept["UNSUBSCRIBE_SECRET"]
         if os.environ.get("PROVIDER_BASE_URL"):
             log.warning(
                 "PROVIDER_BASE_URL is ignored: the local stack sends to its own simulator",

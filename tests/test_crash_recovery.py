@@ -47,6 +47,12 @@ class WorkerProcess:
             "DATABASE_URL": settings.database_url or "",
             "PROVIDER_BASE_URL": settings.provider_base_url or "",
             "PROVIDER_API_KEY": TEST_API_KEY,
+            "UNSUBSCRIBE_BASE_URL": settings.unsubscribe_base_url or "",
+            "UNSUBSCRIBE_SECRET": (
+                settings.unsubscribe_secret.get_secret_value()
+                if settings.unsubscribe_secret
+                else ""
+            ),
             "WORKER_GRACEFUL_SHUTDOWN_SECONDS": "20",
             "CAMPAIGNS_DATA_DIR": str(log_path.parent),
             "LOG_FORMAT": "json",

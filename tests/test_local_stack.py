@@ -39,6 +39,9 @@ STACK_VARIABLES = (
     "PROVIDER_BASE_URL",
     "SIMULATOR_ADMIN_TOKEN",
     "SIMULATOR_API_KEYS",
+    "WEBHOOK_SECRET",
+    "UNSUBSCRIBE_BASE_URL",
+    "UNSUBSCRIBE_SECRET",
 )
 
 
@@ -349,3 +352,17 @@ async def test_stack_files_are_private_and_hold_no_secrets(
     logs = "".join(path.read_text(errors="replace") for path in (data_dir / "logs").iterdir())
     for text in (output, out, err, listed, status, logs):
         assert not [secret for secret in secrets if secret in text]
+
+
+def test_generated_secrets_outlive_a_restart_and_stay_private(tmp_path: Path) -> None:
+    from campaigns.stack import kept_secrets
+
+    path = tmp_path / "secrets.env"
+    made = iter(["first-a", "first-b", "second-b"])
+    makers = {"A": lambda: next(made), "B": lambda: next(made)}
+    first = kept_secrets(path, makers)
+    assert first == {"A": "first-a", "B": "first-b"}
+    assert mode(path) == 0o600
+    assert kept_secrets(path, makers) == first  # a restart keeps them
+    path.write_text("A=first-a\nB=bad value\n")  # damaged: that one is made anew
+    assert kept_secrets(path, makers) == {"A": "first-a", "B": "second-b"}

@@ -31,9 +31,11 @@ from campaigns import store
 from campaigns.api._applier import Applier
 from campaigns.api._ingest import Ingester
 from campaigns.api._resend_events import MAX_WEBHOOK_BYTES, SignatureCheck
+from campaigns.api.unsubscribe import ROUTES as unsubscribe_routes
 from campaigns.api.webhooks import WebhookFrontDoor
 from campaigns.settings import Settings
 from campaigns.store import events as event_rows
+from campaigns.unsubscribe import UnsubscribeLinks
 
 log = structlog.get_logger("api")
 
@@ -140,13 +142,19 @@ async def _server_error(request: Request, exc: Exception) -> Response:
 
 
 def create_app(settings: Settings, *, pool_size: int = 10) -> WebhookFrontDoor:
-    """The ASGI app; its lifespan opens the pool and runs the ingester and applier."""
+    """The ASGI app; its lifespan opens the pool and runs the ingester and applier.
+
+    Raises:
+        ValueError: a webhook or unsubscribe setting is wrong (the message names it).
+    """
     signature = (
         SignatureCheck(settings.webhook_secret.get_secret_value())
         if settings.webhook_secret is not None
         else None
     )
-    unsubscribe = _unsubscribe_links(settings)
+    # Raises UnsubscribeConfigError (a ValueError) naming the variable: every message
+    # links here, so the service does not start without it.
+    unsubscribe = UnsubscribeLinks.from_settings(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -162,7 +170,6 @@ def create_app(settings: Settings, *, pool_size: int = 10) -> WebhookFrontDoor:
         log.info(
             "api started",
             webhooks="on" if signature else "off: WEBHOOK_SECRET is not set",
-            unsubscribe="on" if unsubscribe else "off: UNSUBSCRIBE_BASE_URL/SECRET not set",
         )
         try:
             yield
@@ -174,7 +181,7 @@ def create_app(settings: Settings, *, pool_size: int = 10) -> WebhookFrontDoor:
     routes: list[Any] = [
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
-        *_unsubscribe_routes(),
+        *unsubscribe_routes,
     ]
     app = Starlette(
         routes=routes,
@@ -183,21 +190,3 @@ def create_app(settings: Settings, *, pool_size: int = 10) -> WebhookFrontDoor:
     )
     app.add_middleware(BodyLimit, limit=MAX_WEBHOOK_BYTES)
     return WebhookFrontDoor(app)
-
-
-def _unsubscribe_links(settings: Settings) -> Any:
-    try:
-        from campaigns.unsubscribe import UnsubscribeLinks  # type: ignore[import-not-found]
-    except ImportError:  # pragma: no cover - until the unsubscribe module lands
-        return None
-    if not (settings.unsubscribe_base_url and settings.unsubscribe_secret):
-        return None
-    return UnsubscribeLinks.from_settings(settings)
-
-
-def _unsubscribe_routes() -> list[Route]:
-    try:
-        from campaigns.api.unsubscribe import ROUTES  # type: ignore[import-not-found]
-    except ImportError:  # pragma: no cover - until the unsubscribe module lands
-        return []
-    return list(ROUTES)
