@@ -23,16 +23,19 @@ from temporalio.client import Client, WorkflowHandle
 
 from campaigns.binaries import temporal_cli
 from campaigns.cli._progress import status_line
-from campaigns.client import CampaignClient
+from campaigns.client import CampaignClient, ControlRefused
 from campaigns.contract import READ_ENGAGEMENT, InvalidSpec
 from campaigns.models import (
     CampaignControls,
     CampaignInput,
+    CampaignPlan,
     CampaignSpec,
     CampaignState,
     CampaignStatus,
+    CarriedState,
     ReputationCounts,
     ReputationLimits,
+    ReputationWatch,
 )
 from campaigns.settings import Settings
 from campaigns.spec_check import parse_spec
@@ -170,6 +173,25 @@ def test_after_a_resume_only_what_arrived_since_is_judged() -> None:
     )
     # Counters that went backwards count as nothing new, never as negative.
     assert verdict(limits, counts(10, complained=0), baseline=paused_at) is None
+
+
+def test_the_baseline_and_last_counts_are_carried_across_continue_as_new() -> None:
+    spec = CampaignSpec.model_validate(_SPEC)
+    watch = ReputationWatch(last=counts(1190, complained=5), baseline=counts(200, complained=1))
+    carried = CarriedState(
+        execution_id="run-1",
+        plan=CampaignPlan(audience_id=1, total_recipients=5000),
+        round=0,
+        cursor=1200,
+        status=CampaignStatus(campaign_id="spring", org="acme", state=CampaignState.RUNNING),
+        reputation=watch,
+    )
+    next_input = CampaignInput.continuing(spec, carried)
+    decoded = CampaignInput.model_validate(json.loads(next_input.model_dump_json()))
+    assert decoded.carried is not None and decoded.carried.reputation == watch
+    older = json.loads(next_input.model_dump_json())
+    del older["carried"]["reputation"]  # a run continued by an earlier version
+    assert CampaignInput.model_validate(older).carried.reputation == ReputationWatch()
 
 
 # -- the spec -----------------------------------------------------------------------------
@@ -353,6 +375,8 @@ async def test_a_campaign_pauses_itself_past_the_complaint_limit_and_resumes_on_
     assert answer["state"] == "Paused" and answer["controls"]["pause_reason"] == reason
     metadata = await handle.query("__temporal_workflow_metadata", result_type=WorkflowMetadata)
     assert reason in metadata.current_details  # the Web UI's workflow page
+    with pytest.raises(ControlRefused, match=r"already paused by the reputation watch \(compl"):
+        await campaigns.pause(handle.id)
 
     resumed = await campaigns.resume(handle.id)
     assert resumed.state is CampaignState.RUNNING and resumed.controls.pause_reason is None

@@ -639,7 +639,9 @@ class CampaignWorkflow:
     def _validate_pause(self) -> None:
         self._refuse_if_finished("pause")
         if self._controls.paused:
-            raise _refuse("cannot pause: the campaign is already paused")
+            reason = self._controls.pause_reason
+            why = f" by the reputation watch ({reason})" if reason else ""
+            raise _refuse(f"cannot pause: the campaign is already paused{why}")
 
     @workflow.update
     def resume(self) -> CampaignStatus:
