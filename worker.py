@@ -35,6 +35,7 @@ from activities import (
     PlanningActivities,
     SendingActivities,
 )
+from activities.reputation import ReputationActivities
 from campaigns import store
 from campaigns.logs import configure_logging
 from campaigns.provider import ProviderClient
@@ -89,6 +90,7 @@ def build_workers(
                     planning.plan_batches,
                     planning.abandon_failed,
                     sending.send_batch,
+                    ReputationActivities(pool).read_engagement,
                 ],
                 max_concurrent_activities=settings.worker_max_concurrent_activities,
                 graceful_shutdown_timeout=timedelta(

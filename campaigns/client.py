@@ -13,6 +13,7 @@ campaign's history.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -35,7 +36,14 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from campaigns import search_attributes as sa
 from campaigns import store
-from campaigns.models import CampaignSpec, CampaignState, CampaignStatus, rate_problem
+from campaigns.models import (
+    CAMPAIGN_ID_PATTERN,
+    CampaignReport,
+    CampaignSpec,
+    CampaignState,
+    CampaignStatus,
+    rate_problem,
+)
 from campaigns.settings import Settings
 from campaigns.spec_check import (
     InvalidSpec,
@@ -46,7 +54,7 @@ from campaigns.spec_check import (
     problems_from_validation_error,
 )
 from campaigns.store import campaigns as campaign_rows
-from campaigns.store import ledger
+from campaigns.store import ledger, reports
 from campaigns.store.templates import store_templates
 from campaigns.temporal import WORKFLOW_TYPE, connect
 from workflows import CampaignWorkflow
@@ -324,6 +332,15 @@ class CampaignClient:
         """Move the start of a campaign that is still waiting for its send time."""
         return await self._control(workflow_id, CampaignWorkflow.reschedule, send_at)
 
+    async def report(self, campaign_id: str) -> CampaignReport:
+        """What the campaign did: its ledger by status, the provider's engagement counts
+        and their rates; see ``read_report``.
+
+        Raises:
+            CampaignNotFound: no campaign with this id was ever prepared.
+        """
+        return await read_report(self.settings, campaign_id)
+
     async def retry_failed(
         self, workflow_id: str, conn: asyncpg.Connection | asyncpg.Pool
     ) -> tuple[WorkflowHandle, CampaignSpec]:
@@ -361,6 +378,35 @@ class CampaignClient:
             )
         await check_against_database(conn, spec, workflow_id=workflow_id)
         return await self.start(spec, workflow_id), spec
+
+
+async def read_report(settings: Settings, campaign_id: str) -> CampaignReport:
+    """What the campaign did: its ledger by status, the provider's engagement counts
+    and their rates (``campaigns.models.report_rates``).
+
+    Read from PostgreSQL through the store (``settings.database_url``), not from the
+    workflow: it works while the campaign sends and long after it closed, with no
+    worker, and no Temporal server, running.
+
+    Raises:
+        CampaignNotFound: no campaign with this id was ever prepared.
+    """
+    if re.fullmatch(CAMPAIGN_ID_PATTERN, campaign_id) is None:
+        raise CampaignNotFound(
+            f"{campaign_id[:80]!r} is not a campaign id: letters, digits, '.', '_' or "
+            "'-', at most 64 characters"
+        )
+    conn = await store.connect(settings.require_database_url())
+    try:
+        report = await reports.campaign_report(conn, campaign_id)
+    finally:
+        await conn.close()
+    if report is None:
+        raise CampaignNotFound(
+            f"no campaign '{campaign_id}' in the database: it was never prepared "
+            "(a report takes the campaign's id, as in its spec)"
+        )
+    return report
 
 
 def _message(error: BaseException | None) -> str:

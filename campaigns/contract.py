@@ -20,6 +20,8 @@ PLAN_BATCHES = "plan_batches"
 SEND_BATCH = "send_batch"
 ABANDON_FAILED = "abandon_failed"
 REFRESH_FIRST_PARTY_ORGS = "refresh_first_party_orgs"
+READ_ENGAGEMENT = "read_engagement"
+"""The reputation watch's read of a campaign's engagement counters."""
 
 # Application error types an activity raises.
 INVALID_SPEC_ERROR = "InvalidCampaignSpec"

@@ -170,6 +170,57 @@ def _tag_part(value: str, what: str) -> None:
         raise ValueError(f"tag {what} {problem}")
 
 
+MAX_MIN_DELIVERED = 10_000_000
+"""Highest ``reputation.min_delivered`` a spec may ask for."""
+MAX_CHECK_INTERVAL_SECONDS = 3600
+"""Longest ``reputation.check_interval_seconds``: a watch that looks less often is none."""
+
+
+class ReputationLimits(_Model):
+    """When a sending campaign pauses itself to protect the sender's reputation.
+
+    Rates are fractions of the emails the provider reported delivered (0.003 is 0.3%);
+    no verdict is given before ``min_delivered`` of them, so a few early complaints
+    cannot stop a large campaign.
+    """
+
+    # Strict: a true, "0.3" or 1.0 where a number or a flag belongs is a mistake to name.
+    enabled: bool = Field(default=True, strict=True, description="Watch while it sends.")
+    max_complaint_rate: float = Field(
+        default=0.003,
+        strict=True,
+        description="Pause at this share of delivered emails marked as spam.",
+    )
+    max_hard_bounce_rate: float = Field(
+        default=0.05,
+        strict=True,
+        description="Pause at this share of delivered emails bounced for good.",
+    )
+    min_delivered: int = Field(
+        default=1000,
+        strict=True,
+        ge=1,
+        le=MAX_MIN_DELIVERED,
+        description="Delivered emails needed before any verdict.",
+    )
+    check_interval_seconds: int = Field(
+        default=15,
+        strict=True,
+        ge=1,
+        le=MAX_CHECK_INTERVAL_SECONDS,
+        description="Seconds between two reads of the campaign's engagement counters.",
+    )
+
+    @field_validator("max_complaint_rate", "max_hard_bounce_rate")
+    @classmethod
+    def _rate_is_a_fraction(cls, value: float) -> float:
+        if not math.isfinite(value) or not 0 < value <= 1:
+            raise ValueError(
+                "must be a fraction of delivered emails, more than 0 and at most 1 (0.003 is 0.3%)"
+            )
+        return value
+
+
 class CampaignSpec(_Model):
     """What to send, to whom, and how fast. The input of ``CampaignWorkflow``.
 
@@ -237,6 +288,10 @@ class CampaignSpec(_Model):
         ge=1,
         le=5000,
         description="Continue-as-new after this many batches, keeping every run's history small.",
+    )
+    reputation: ReputationLimits = Field(
+        default_factory=ReputationLimits,
+        description="Complaint and hard-bounce rates past which the campaign pauses itself.",
     )
 
     @field_validator("audience")
@@ -419,6 +474,131 @@ class BatchOutcome(_Model):
     last_error: str | None = None
 
 
+class ReadEngagementInput(_Model):
+    """Read a campaign's engagement counters, for its org only."""
+
+    campaign_id: str
+    org: OrgId
+
+
+class ReputationCounts(_Model):
+    """What the reputation watch judges: counts only, never an address."""
+
+    delivered: int = 0
+    hard_bounced: int = 0
+    complained: int = 0
+
+    def since(self, baseline: ReputationCounts | None) -> ReputationCounts:
+        """The counts that arrived after ``baseline`` (never below zero)."""
+        if baseline is None:
+            return self
+        return ReputationCounts(
+            delivered=max(0, self.delivered - baseline.delivered),
+            hard_bounced=max(0, self.hard_bounced - baseline.hard_bounced),
+            complained=max(0, self.complained - baseline.complained),
+        )
+
+
+class ReputationWatch(BaseModel):
+    """What the reputation watch keeps across checks and runs: counts only."""
+
+    last: ReputationCounts | None = Field(
+        default=None, description="The counts read at the last check."
+    )
+    baseline: ReputationCounts | None = Field(
+        default=None,
+        description="Subtracted before judging: the counts of the last check before an "
+        "operator resumed a reputation pause (None: judge every count).",
+    )
+
+
+class EngagementCounts(_Model):
+    """A campaign's counters of what the provider reported (``campaign_engagement``)."""
+
+    delivered: int = 0
+    delayed: int = 0
+    hard_bounced: int = 0
+    soft_bounced: int = 0
+    complained: int = 0
+    opened: int = 0
+    clicked: int = 0
+    provider_failed: int = 0
+    unsubscribed: int = 0
+
+    def for_reputation(self) -> ReputationCounts:
+        """The counts the reputation watch judges."""
+        return ReputationCounts(
+            delivered=self.delivered, hard_bounced=self.hard_bounced, complained=self.complained
+        )
+
+
+class LedgerCounts(_Model):
+    """A campaign's recipients by outcome in the delivery ledger."""
+
+    sent: int = 0
+    failed: int = 0
+    rejected: int = 0
+    suppressed: int = 0
+    abandoned: int = 0
+
+
+class ReportRates(_Model):
+    """Engagement as fractions (0.0123 is 1.23%); 0 when the denominator is 0.
+
+    Delivery and bounces are shares of the emails sent; complaints, opens, clicks and
+    unsubscribes are shares of the emails delivered.
+    """
+
+    delivered: float = 0.0
+    hard_bounced: float = 0.0
+    soft_bounced: float = 0.0
+    complained: float = 0.0
+    opened: float = 0.0
+    clicked: float = 0.0
+    unsubscribed: float = 0.0
+
+
+def _share(part: int, whole: int) -> float:
+    return part / whole if whole > 0 else 0.0
+
+
+def report_rates(ledger: LedgerCounts, engagement: EngagementCounts) -> ReportRates:
+    """The report's rates: of sent for delivery and bounces, of delivered for the rest."""
+    sent, delivered = ledger.sent, engagement.delivered
+    return ReportRates(
+        delivered=_share(delivered, sent),
+        hard_bounced=_share(engagement.hard_bounced, sent),
+        soft_bounced=_share(engagement.soft_bounced, sent),
+        complained=_share(engagement.complained, delivered),
+        opened=_share(engagement.opened, delivered),
+        clicked=_share(engagement.clicked, delivered),
+        unsubscribed=_share(engagement.unsubscribed, delivered),
+    )
+
+
+class CampaignReport(_Model):
+    """What a campaign did, from PostgreSQL: the ledger, the engagement counters, rates."""
+
+    campaign_id: str
+    org: str
+    ledger: LedgerCounts
+    engagement: EngagementCounts
+    rates: ReportRates
+
+    @classmethod
+    def of(
+        cls, campaign_id: str, org: str, ledger: LedgerCounts, engagement: EngagementCounts
+    ) -> CampaignReport:
+        """The report of these counts, its rates computed by ``report_rates``."""
+        return cls(
+            campaign_id=campaign_id,
+            org=org,
+            ledger=ledger,
+            engagement=engagement,
+            rates=report_rates(ledger, engagement),
+        )
+
+
 class RefreshResult(BaseModel):
     """What a first-party refresh published and what changed since the previous snapshot.
 
@@ -488,6 +668,11 @@ class CampaignControls(BaseModel):
     window: int
     rate_per_second: float | None = None
     send_at: datetime | None = None
+    pause_reason: str | None = Field(
+        default=None,
+        description="Why the campaign paused itself (a reputation threshold, in counts and "
+        "rates); None while running or when an operator paused it.",
+    )
 
 
 class CampaignStatus(BaseModel):
@@ -533,6 +718,7 @@ class CarriedState(BaseModel):
     round: int
     cursor: int = Field(description="Last recipient id of the last batch started in this pass.")
     status: CampaignStatus
+    reputation: ReputationWatch = Field(default_factory=ReputationWatch)
 
 
 class CampaignInput(CampaignSpec):

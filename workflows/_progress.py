@@ -50,6 +50,13 @@ def eta_seconds(status: CampaignStatus) -> float | None:
     return remaining / status.rate_per_second if status.rate_per_second else None
 
 
+def _paused_text(status: CampaignStatus) -> str:
+    reason = status.controls.pause_reason if status.controls is not None else None
+    if reason:
+        return f"paused by the reputation watch: {reason}; no batch starts until it is resumed"
+    return "paused: no batch starts until it is resumed"
+
+
 def details_text(status: CampaignStatus, percent: int) -> str:
     """The Markdown the Web UI shows as the workflow's current details."""
     counts, controls = status.counts, status.controls
@@ -58,7 +65,7 @@ def details_text(status: CampaignStatus, percent: int) -> str:
         f"sent {counts.sent:,} · failed {counts.failed:,} · rejected {counts.rejected:,} · "
         f"suppressed {counts.suppressed:,} · skipped {counts.skipped:,} · "
         f"abandoned {counts.abandoned:,}",
-        "paused: no batch starts until it is resumed"
+        _paused_text(status)
         if status.state is CampaignState.PAUSED
         else f"{status.rate_per_second:,.0f} emails/s over the last {RATE_WINDOW_SECONDS:.0f}s"
         + (f" · ETA {status.eta_seconds:,.0f}s" if status.eta_seconds else ""),

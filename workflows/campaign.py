@@ -11,6 +11,10 @@ batches (or when Temporal suggests it), so history stays small at any audience s
 Operators steer a running campaign with updates (pause, resume, cancel, window, rate,
 reschedule); each has a validator, so a refused action is refused at once with the
 reason, and nothing is written to history.
+
+While a pass sends, a reputation watch reads the campaign's engagement counters every
+``reputation.check_interval_seconds`` and pauses the campaign, saying why, when its
+complaint or hard-bounce rate reaches the spec's limit (see ``_watch_reputation``).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
 
 from workflows._progress import RateWindow, details_text, eta_seconds, paced_start
+from workflows._reputation import verdict
 
 with workflow.unsafe.imports_passed_through():
     from campaigns import search_attributes as sa
@@ -38,6 +43,7 @@ with workflow.unsafe.imports_passed_through():
         PREPARE_CAMPAIGN,
         PROVIDER_AUTH_ERROR,
         PROVIDER_CONFIG_ERROR,
+        READ_ENGAGEMENT,
         SEND_BATCH,
         InvalidSpec,
         SpecProblem,
@@ -57,6 +63,9 @@ with workflow.unsafe.imports_passed_through():
         CampaignStatus,
         CarriedState,
         PlanBatchesInput,
+        ReadEngagementInput,
+        ReputationCounts,
+        ReputationWatch,
         SendBatchInput,
         SpecInWorkflowInput,
         is_valid_org_id,
@@ -106,6 +115,7 @@ PATCH_FINAL_STATUS_MEMO = "final-status-memo"
 PATCH_TEMPLATES_BY_REFERENCE = "templates-by-reference"
 PATCH_REFUSE_CLIENT_CARRIED_STATE = "refuse-client-carried-state"
 PATCH_REFUSE_FAR_SEND_AT = "refuse-far-send-at"
+PATCH_REPUTATION_WATCH = "reputation-watch"
 
 
 class CampaignFailed(Exception):
@@ -148,6 +158,7 @@ class CampaignWorkflow:
         self._rate = RateWindow()
         self._published_progress = -1
         self._wake = 0  # bumped by every control change so that waits look again
+        self._reputation = carried.reputation if carried is not None else ReputationWatch()
 
     # -- the run ------------------------------------------------------------------------
 
@@ -314,7 +325,11 @@ class CampaignWorkflow:
         plan_cursor, exhausted = carried.cursor, False
         started_here, next_start = 0, workflow.time()
         failure: str | None = None
+        check_due = self._next_reputation_check(spec)
         while True:
+            if check_due is not None and check_due.done() and self._may_check(failure):
+                await self._watch_reputation(spec)
+                check_due = self._next_reputation_check(spec)
             out_of_budget = self._out_of_budget(spec, started_here)
             wake_in: float | None = None
             while (
@@ -359,6 +374,8 @@ class CampaignWorkflow:
                 started_here += 1
                 out_of_budget = self._out_of_budget(spec, started_here)
             if not self._in_flight:
+                if failure is not None or controls.cancel_requested or (exhausted and not ranges):
+                    _stop_timer(check_due)
                 if failure is not None:
                     raise CampaignFailed(failure)
                 if controls.cancel_requested:
@@ -367,17 +384,71 @@ class CampaignWorkflow:
                     return True
                 if out_of_budget:
                     await workflow.wait_condition(workflow.all_handlers_finished)
+                    carried.reputation = self._reputation
                     workflow.continue_as_new(CampaignInput.continuing(spec, carried))
             seen = self._wake
             try:
                 await workflow.wait_condition(
-                    self._woken_or_batch_done_since(seen), timeout=wake_in
+                    self._woken_or_batch_done_since(seen, check_due, failure), timeout=wake_in
                 )
             except TimeoutError:
                 pass  # the rate limit allows the next batch now
             done = [task for task in self._in_flight if task.done()]
             self._in_flight = [task for task in self._in_flight if not task.done()]
             failure = self._collect(done) or failure
+
+    # -- the reputation watch -------------------------------------------------------------
+
+    def _next_reputation_check(self, spec: CampaignSpec) -> asyncio.Task[None] | None:
+        """A timer for the next reputation check, or None when the watch is off.
+
+        One durable timer per check interval, which the pass's wait also watches: a
+        timeout on every wait would add a timer, started and cancelled, to history for
+        each finished batch. Runs that started before the watch existed never check.
+        """
+        if not spec.reputation.enabled or not workflow.patched(PATCH_REPUTATION_WATCH):
+            return None
+        return asyncio.ensure_future(
+            workflow.sleep(spec.reputation.check_interval_seconds, summary="reputation check")
+        )
+
+    def _may_check(self, failure: str | None) -> bool:
+        """Whether the watch may read now: only while the pass sends."""
+        controls = self._controls
+        return (
+            failure is None
+            and not controls.paused
+            and not controls.cancel_requested
+            and self._status.state is CampaignState.RUNNING
+        )
+
+    async def _watch_reputation(self, spec: CampaignSpec) -> None:
+        """Read the campaign's engagement counters and pause it if a rate is too high.
+
+        The verdict (``workflows._reputation.verdict``) judges the counts since the
+        watch's baseline. The baseline is empty until an operator resumes a campaign the
+        watch paused; then it becomes the counts of the watch's last check, so the
+        counts that caused the pause cannot cause another at once: the watch judges
+        only what arrived since the resume, and gives no verdict before
+        ``min_delivered`` more emails were delivered. The baseline is carried across
+        continue-as-new. History holds the counts and the reason, never an address.
+        """
+        counts: ReputationCounts = await workflow.execute_activity(
+            READ_ENGAGEMENT,
+            ReadEngagementInput(campaign_id=spec.campaign_id, org=spec.org),
+            result_type=ReputationCounts,
+            **self._reputation_step(),
+        )
+        self._reputation.last = counts
+        reason = verdict(spec.reputation, counts, self._reputation.baseline)
+        # An operator may have paused or cancelled the campaign while the read ran.
+        if reason is not None and self._may_check(None):
+            self._pause(reason)
+
+    @staticmethod
+    def _reputation_step() -> workflow.ActivityConfig:
+        step: workflow.ActivityConfig = {**DATABASE_STEP, "summary": "reputation check"}
+        return step
 
     def _out_of_budget(self, spec: CampaignSpec, started_here: int) -> bool:
         info = workflow.info()
@@ -433,9 +504,19 @@ class CampaignWorkflow:
         """A wait condition: a control changed since wake count ``seen``."""
         return lambda: self._wake != seen
 
-    def _woken_or_batch_done_since(self, seen: int) -> Callable[[], bool]:
-        """A wait condition: a control changed since ``seen``, or a batch finished."""
-        return lambda: self._wake != seen or any(task.done() for task in self._in_flight)
+    def _woken_or_batch_done_since(
+        self,
+        seen: int,
+        check_due: asyncio.Task[None] | None = None,
+        failure: str | None = None,
+    ) -> Callable[[], bool]:
+        """A wait condition: a control changed since ``seen``, a batch finished, or a
+        reputation check is due while the watch may check."""
+        return lambda: (
+            self._wake != seen
+            or any(task.done() for task in self._in_flight)
+            or (check_due is not None and check_due.done() and self._may_check(failure))
+        )
 
     def _collect(self, done: list[asyncio.Task[BatchOutcome]]) -> str | None:
         """Fold finished batches into the status; return the first failure, if any."""
@@ -536,24 +617,44 @@ class CampaignWorkflow:
         self._publish_progress()
         return self._status
 
-    @workflow.update
-    def pause(self) -> CampaignStatus:
-        """Stop starting batches; those in flight finish and are recorded."""
-        self._controls.paused = True
+    def _pause(self, reason: str | None) -> CampaignStatus:
+        """Stop starting batches; those in flight finish and are recorded.
+
+        The one way a campaign pauses: the ``pause`` update (``reason`` None, an
+        operator's pause) and the reputation watch (its verdict, in counts and rates).
+        """
+        controls = self._controls
+        controls.paused = True
+        controls.pause_reason = reason
         if self._status.state is CampaignState.RUNNING:
             self._set_state(CampaignState.PAUSED)
         return self._changed()
+
+    @workflow.update
+    def pause(self) -> CampaignStatus:
+        """Stop starting batches; those in flight finish and are recorded."""
+        return self._pause(None)
 
     @pause.validator
     def _validate_pause(self) -> None:
         self._refuse_if_finished("pause")
         if self._controls.paused:
-            raise _refuse("cannot pause: the campaign is already paused")
+            reason = self._controls.pause_reason
+            why = f" by the reputation watch ({reason})" if reason else ""
+            raise _refuse(f"cannot pause: the campaign is already paused{why}")
 
     @workflow.update
     def resume(self) -> CampaignStatus:
-        """Start batches again after a pause."""
-        self._controls.paused = False
+        """Start batches again after a pause.
+
+        After a pause by the reputation watch, the watch judges only what arrives from
+        now on (see ``_watch_reputation``).
+        """
+        controls = self._controls
+        if controls.pause_reason is not None:
+            self._reputation.baseline = self._reputation.last
+        controls.paused = False
+        controls.pause_reason = None
         if self._status.state is CampaignState.PAUSED:
             self._set_state(CampaignState.RUNNING)
         return self._changed()
@@ -639,6 +740,12 @@ def _new_status(request: CampaignInput) -> CampaignStatus:
             send_at=request.send_at,
         ),
     )
+
+
+def _stop_timer(timer: asyncio.Task[None] | None) -> None:
+    """Cancel a timer the pass no longer needs, so it does not fire into the next step."""
+    if timer is not None and not timer.done():
+        timer.cancel()
 
 
 def _is_campaign_id(value: str) -> bool:

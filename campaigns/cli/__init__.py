@@ -43,6 +43,7 @@ from campaigns.cli._data import (
     cmd_suppress,
 )
 from campaigns.cli._progress import literal
+from campaigns.cli._report import campaign_id_arg, cmd_report
 from campaigns.cli._stack import cmd_demo, cmd_stack_down, cmd_stack_status, cmd_stack_up
 from campaigns.client import CampaignAlreadyRunning, CampaignNotFound, ControlRefused
 from campaigns.models import MAX_AUDIENCE_NAME, MAX_RATE_PER_SECOND, MAX_WINDOW, CampaignState
@@ -217,6 +218,14 @@ def _parser() -> argparse.ArgumentParser:
     sub = add("reschedule", cmd_reschedule, "move the start of a scheduled campaign")
     sub.add_argument("workflow_id", metavar="ID")
     sub.add_argument("--at", required=True, help="ISO 8601 with timezone")
+    sub = add(
+        "report",
+        cmd_report,
+        "counts and rates of a campaign, from the ledger and the provider's events "
+        "(--json for the model)",
+    )
+    sub.add_argument("campaign_id", metavar="ID", type=campaign_id_arg, help="the campaign id")
+    sub.add_argument("--json", action="store_true", help="print the report as JSON")
     sub = add("retry-failed", cmd_retry_failed, "send to a finished campaign's failed recipients")
     sub.add_argument("workflow_id", metavar="ID")
     sub.add_argument("--watch", action="store_true", help="show live progress until done")

@@ -50,6 +50,12 @@ def bar_rate(status: CampaignStatus) -> str:
     return f"{status.rate_per_second:,.0f} emails/s (last 30 s)"
 
 
+def pause_reason(status: CampaignStatus) -> str:
+    """Why a paused campaign is paused: the reputation watch's reason, or an operator."""
+    reason = status.controls.pause_reason if status.controls is not None else None
+    return f"by the reputation watch: {reason}" if reason else "by an operator"
+
+
 def status_line(status: CampaignStatus) -> Text:
     """One line of counts under the bar."""
     counts = status.counts
@@ -66,6 +72,7 @@ def status_line(status: CampaignStatus) -> Text:
         line.append(f"\nwindow {controls.window}  rate limit {rate}")
         if controls.paused:
             line.append("  PAUSED", style="bold yellow")
+            line.append_text(literal(f" ({pause_reason(status)})", "yellow"))
         if controls.send_at and status.state is CampaignState.SCHEDULED:
             line.append(f"  sends at {controls.send_at.isoformat()}")
     if status.runs > 1:
