@@ -58,7 +58,11 @@ async def skipping_client(
 async def timer_delays(client: Client, workflow_id: str) -> list[float]:
     delays = []
     async for event in client.get_workflow_handle(workflow_id).fetch_history_events():
-        if event.event_type == EventType.EVENT_TYPE_TIMER_STARTED:
+        if (
+            event.event_type == EventType.EVENT_TYPE_TIMER_STARTED
+            # The reputation watch's timers are not retry rounds.
+            and event.user_metadata.summary.data != b'"reputation check"'
+        ):
             delays.append(event.timer_started_event_attributes.start_to_fire_timeout.seconds)
     return delays
 
