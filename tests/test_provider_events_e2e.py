@@ -173,3 +173,74 @@ async def test_the_service_answers_the_simulators_retries_after_a_restart(
     async with httpx.AsyncClient() as http:  # the service is gone again: nothing listens
         with pytest.raises(httpx.ConnectError):
             await http.get(f"http://127.0.0.1:{port}/healthz")
+
+
+async def test_complaints_past_the_limit_pause_the_campaign_and_the_report_tells_it_all(
+    webhooks: str,
+    client: Client,
+    settings: Settings,
+    pool: asyncpg.Pool,
+    sim: SimulatorControl,
+    tmp_path: Path,
+) -> None:
+    """Complaints posted by the simulator reach the workflow through the service and the
+    ledger: the campaign pauses itself with the reason, an operator resumes it, a
+    recipient unsubscribes with the message's own one-click link, and the report counts
+    every outcome."""
+    from campaigns.client import CampaignClient
+    from campaigns.unsubscribe import ONE_CLICK
+
+    org = await make_org(pool)
+    emails = addresses(unique("spam"), 600)
+    complainers = emails[:30:3]  # 10 complaints among the first recipients
+    await sim.configure(complaint_addresses=complainers, hard_bounce_addresses=emails[1:2])
+    audience, _ = await make_audience(pool, tmp_path, org, emails)
+    spec = make_spec(
+        org,
+        audience,
+        window=1,
+        rate_per_second=60,
+        reputation={"min_delivered": 50, "max_complaint_rate": 0.05, "check_interval_seconds": 1},
+    )
+    campaigns = CampaignClient(client, settings)
+    handle = await campaigns.start(spec)
+    paused = await eventually(
+        lambda: campaigns.status(handle.id),
+        lambda s: s.state is CampaignState.PAUSED,
+        what="the campaign paused by the watch",
+        within=60,
+    )
+    assert paused.controls is not None and paused.controls.pause_reason
+    assert "complaint rate" in paused.controls.pause_reason
+    assert paused.counts.sent < 600  # stopped while sending
+
+    resumed = await campaigns.resume(handle.id)
+    assert resumed.state is CampaignState.RUNNING and resumed.controls.pause_reason is None
+    final = await handle.result()
+    assert final.state is CampaignState.COMPLETED and final.counts.sent == 600
+
+    # A recipient unsubscribes with the link their message carries.
+    leaver = emails[-1]
+    [message] = await sim.messages(leaver)
+    link = message["headers"]["List-Unsubscribe"].split(",")[0].strip("<> ")
+    assert link.startswith(settings.unsubscribe_base_url.rstrip("/") + "/u/")
+    # The workers' base URL is the public one; this service listens elsewhere.
+    link = webhooks + "/u/" + link.rsplit("/", 1)[1]
+    async with httpx.AsyncClient() as http:
+        answer = await http.post(
+            link,
+            content=ONE_CLICK,
+            headers={"content-type": "application/x-www-form-urlencoded"},
+        )
+    assert answer.status_code == 200
+
+    report = await eventually(
+        lambda: campaigns.report(spec.campaign_id),
+        lambda r: r.engagement.delivered == 599,
+        what="every delivery counted",
+    )
+    assert report.ledger.sent == 600
+    assert report.engagement.complained == 10
+    assert report.engagement.hard_bounced == 1
+    assert report.engagement.unsubscribed == 1
+    assert report.rates.complained == pytest.approx(10 / 599)
