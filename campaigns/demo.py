@@ -54,6 +54,26 @@ def demo_suppressions(recipients: int) -> list[str]:
     return [_address(n) for n in range(400, recipients + 1, 400)]
 
 
+def demo_provider_behaviour(recipients: int) -> dict[str, object]:
+    """What the simulator's webhooks report for the demo: a few hard bounces, soft
+    bounces and complaints, a third of readers opening, some duplicates and some
+    events out of order (simulator config fields)."""
+
+    def readers(first: int, step: int, most: int) -> list[str]:
+        return [_address(n) for n in range(first, recipients + 1, step)][:most]
+
+    return {
+        "hard_bounce_addresses": readers(137, 997, 5),
+        "soft_bounce_addresses": readers(211, 1999, 2),
+        "complaint_addresses": readers(555, 1499, 3),
+        "open_rate": 0.3,
+        "click_rate": 0.05,
+        "duplicate_rate": 0.02,
+        "out_of_order_rate": 0.05,
+        "seed": 1,
+    }
+
+
 def demo_spec(recipients: int, campaign_id: str) -> CampaignSpec:
     """A campaign to the demo audience of ``recipients`` rows."""
     return CampaignSpec(

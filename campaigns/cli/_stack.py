@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -16,8 +17,16 @@ from campaigns.audience_import import import_audience
 from campaigns.cli._campaign import CommandError
 from campaigns.cli._data import print_import_report
 from campaigns.cli._progress import literal, summary_table, watch
-from campaigns.client import CampaignClient
-from campaigns.demo import DEMO_ORG, demo_spec, demo_suppressions, write_demo_audience
+from campaigns.cli._report import report_table
+from campaigns.client import CampaignClient, read_report
+from campaigns.demo import (
+    DEMO_ORG,
+    demo_provider_behaviour,
+    demo_spec,
+    demo_suppressions,
+    write_demo_audience,
+)
+from campaigns.models import CampaignSpec
 from campaigns.settings import Settings, data_dir
 from campaigns.spec_check import check_against_database
 from campaigns.stack import (
@@ -82,6 +91,43 @@ async def cmd_stack_status(args: Namespace, settings: Settings, console: Console
     return 0
 
 
+EVENTS_WAIT_SECONDS = 30.0
+
+
+async def _show_provider_events(
+    simulator: httpx.AsyncClient,
+    api_url: str,
+    spec: CampaignSpec,
+    settings: Settings,
+    console: Console,
+) -> None:
+    """Wait (bounded) until the simulator's webhooks are posted and applied, then show
+    what they did: the report's engagement and the addresses now suppressed."""
+    deadline = time.monotonic() + EVENTS_WAIT_SECONDS
+    with console.status("waiting for the provider's webhooks ..."):
+        async with httpx.AsyncClient(base_url=api_url) as api:
+            while time.monotonic() < deadline:
+                hooks = (await simulator.get("/_sim/webhooks")).json()
+                ready = (await api.get("/readyz")).json()
+                posting = hooks["unplanned"] + hooks["pending"] + hooks["in_flight"]
+                if posting == 0 and ready["events_waiting_to_apply"]["due"] == 0:
+                    break
+                await asyncio.sleep(0.25)
+    report = await read_report(settings, spec.campaign_id)
+    console.print(report_table(report))
+    conn = await store.connect(settings.require_database_url())
+    try:
+        suppressed = await orgs.suppressed_by(conn, spec.org, spec.campaign_id)
+    finally:
+        await conn.close()
+    console.print(
+        f"webhooks: {hooks['posted']:,} signed events posted, {hooks['duplicates_sent']:,} "
+        "of them twice (stored once); suppressed for org "
+        f"{spec.org}: {suppressed.get('bounced', 0)} bounced, "
+        f"{suppressed.get('complained', 0)} complained (the next campaign skips them)"
+    )
+
+
 async def cmd_demo(args: Namespace, settings: Settings, console: Console) -> int:
     """``campaigns demo``: import a demo audience, send to it live, verify exactly-once."""
     state = read_stack_file(StackConfig(data_dir=data_dir()))
@@ -115,6 +161,8 @@ async def cmd_demo(args: Namespace, settings: Settings, console: Console) -> int
 
     async with httpx.AsyncClient(base_url=state["provider_base_url"], headers=admin) as simulator:
         (await simulator.post("/_sim/reset")).raise_for_status()
+        behaviour = demo_provider_behaviour(args.recipients)
+        (await simulator.put("/_sim/config", json=behaviour)).raise_for_status()
         client = await CampaignClient.connect(settings)
         handle = await client.start(spec)
         console.print(
@@ -130,6 +178,8 @@ async def cmd_demo(args: Namespace, settings: Settings, console: Console) -> int
         answer = await simulator.get("/_sim/stats")
         answer.raise_for_status()
         stats = answer.json()
+        if state.get("api_url"):
+            await _show_provider_events(simulator, state["api_url"], spec, settings, console)
 
     exactly_once = (
         stats["duplicated_recipients"] == 0 and stats["unique_recipients"] == final.counts.sent
