@@ -33,9 +33,9 @@ from activities import (
     BoundedFailures,
     MaintenanceActivities,
     PlanningActivities,
+    ReputationActivities,
     SendingActivities,
 )
-from activities.reputation import ReputationActivities
 from campaigns import store
 from campaigns.logs import configure_logging
 from campaigns.provider import ProviderClient

@@ -4,6 +4,7 @@ from activities._failures import BoundedFailures
 from activities._heartbeat import AutomaticHeartbeats
 from activities.maintenance import MaintenanceActivities
 from activities.planning import PlanningActivities
+from activities.reputation import ReputationActivities
 from activities.sending import SendingActivities
 
 __all__ = [
@@ -11,5 +12,6 @@ __all__ = [
     "BoundedFailures",
     "MaintenanceActivities",
     "PlanningActivities",
+    "ReputationActivities",
     "SendingActivities",
 ]

@@ -16,7 +16,12 @@ from pathlib import Path
 
 from temporalio.activity import _Definition
 
-from activities import MaintenanceActivities, PlanningActivities, SendingActivities
+from activities import (
+    MaintenanceActivities,
+    PlanningActivities,
+    ReputationActivities,
+    SendingActivities,
+)
 from campaigns import contract
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,6 +106,7 @@ def test_activities_register_under_the_names_the_workflows_schedule() -> None:
             PlanningActivities.plan_batches,
             PlanningActivities.abandon_failed,
             SendingActivities.send_batch,
+            ReputationActivities.read_engagement,
             MaintenanceActivities.refresh_first_party_orgs,
         )
     }
@@ -112,6 +118,7 @@ def test_activities_register_under_the_names_the_workflows_schedule() -> None:
             contract.PLAN_BATCHES,
             contract.ABANDON_FAILED,
             contract.SEND_BATCH,
+            contract.READ_ENGAGEMENT,
             contract.REFRESH_FIRST_PARTY_ORGS,
         }
         == {
@@ -119,6 +126,7 @@ def test_activities_register_under_the_names_the_workflows_schedule() -> None:
             "plan_batches",
             "abandon_failed",
             "send_batch",
+            "read_engagement",
             "refresh_first_party_orgs",
         }
     )
