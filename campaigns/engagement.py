@@ -177,8 +177,9 @@ def decide(
 
 async def apply_pending(
     conn: Connection, *, soft_bounce_limit: int, limit: int = 1000, now: datetime
-) -> int:
-    """Apply up to ``limit`` due events in one transaction; return how many."""
+) -> Decisions | None:
+    """Apply up to ``limit`` due events in one transaction; what was decided (None:
+    nothing was due)."""
     return await store.apply(
         conn,
         partial(decide, soft_bounce_limit=soft_bounce_limit, now=now),

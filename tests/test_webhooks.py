@@ -404,6 +404,10 @@ async def test_an_event_for_a_message_not_recorded_yet_waits_then_applies(
     )
     [row] = await stored(pool, svix_id)
     assert row["applied_at"] is None  # kept, to be tried again
+    ready = (await api.get("/readyz")).json()
+    assert ready["stored"]["stored"] >= 1
+    assert ready["applied"]["waiting_for_their_message"] >= 1
+    assert ready["events_waiting_to_apply"]["waiting"] >= 1
     # The batch that sent it records now.
     audience_id, recipient_id = await pool.fetchrow(
         """SELECT a.id, r.id FROM audiences a JOIN recipients r ON r.audience_id = a.id

@@ -32,6 +32,11 @@ class ApplyStats:
     """Counters since the process started."""
 
     applied: int = 0
+    unmatched: int = 0
+    """Events kept as unmatched: their message never appeared in the ledger."""
+    waiting_for_their_message: int = 0
+    """Tries of events whose message the ledger did not know yet (tried again later)."""
+    suppressed: int = 0
     batches: int = 0
     errors: int = 0
 
@@ -92,13 +97,22 @@ class Applier:
 
     async def _apply_once(self) -> int:
         async with self._pool.acquire() as conn:
-            claimed = await apply_pending(
+            decided = await apply_pending(
                 conn,
                 soft_bounce_limit=self._soft_bounce_limit,
                 limit=self._batch,
                 now=datetime.now(UTC),
             )
-        if claimed:
-            self.stats.applied += claimed
-            self.stats.batches += 1
-        return claimed
+        if decided is None:
+            return 0
+        outcomes = list(decided.settled.values())
+        unmatched = outcomes.count("unmatched")
+        self.stats.applied += outcomes.count("applied")
+        self.stats.unmatched += unmatched
+        self.stats.waiting_for_their_message += len(decided.retry_in)
+        self.stats.suppressed += len(decided.suppressions)
+        self.stats.batches += 1
+        if unmatched:
+            # Kept in webhook_events (outcome 'unmatched'), never lost.
+            log.warning("webhook events name no message we sent", events=unmatched)
+        return len(decided.settled) + len(decided.retry_in)

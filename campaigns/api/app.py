@@ -121,6 +121,9 @@ async def readyz(request: Request) -> Response:
             "database": "ok",
             "events_waiting_to_store": ingester.pending,
             "events_waiting_to_apply": asdict(backlog),
+            # This process's counts since it started.
+            "stored": asdict(ingester.stats),
+            "applied": asdict(request.app.state.applier.stats),
             "webhooks": request.app.state.signature is not None,
         }
     )

@@ -248,8 +248,8 @@ async def apply(
     *,
     limit: int,
     streak_keys: Callable[[list[PendingEvent], dict[str, MessageState]], list[tuple[str, str]]],
-) -> int:
-    """Apply up to ``limit`` due events in one transaction; return how many were claimed.
+) -> Decisions | None:
+    """Apply up to ``limit`` due events in one transaction; return what was decided.
 
     ``streak_keys`` names the (org, address) pairs whose soft-bounce streaks the
     events touch; ``decide`` turns events, messages and streaks into decisions.
@@ -257,7 +257,7 @@ async def apply(
     async with conn.transaction():
         pending = [PendingEvent(*row) for row in await conn.fetch(_CLAIM, limit)]
         if not pending:
-            return 0
+            return None
         ids = sorted({e.email_id for e in pending if e.email_id})
         messages = (
             {row[0]: MessageState(*row) for row in await conn.fetch(_MESSAGES, ids)} if ids else {}
@@ -269,7 +269,7 @@ async def apply(
             streaks = {(row[0], row[1]): Streak(*row) for row in rows}
         decisions = decide(pending, messages, streaks)
         await _write(conn, decisions)
-        return len(pending)
+        return decisions
 
 
 async def _write(conn: Connection, d: Decisions) -> None:
