@@ -30,7 +30,9 @@ function setup(thread)
 end
 
 local reqs = {}
-local sent, answered = 0, 0
+-- delay() reserves a request (several connections may wait on their delay at once), so
+-- exactly one request() follows each delay() that does not idle.
+local reserved, sent, answered = 0, 0, 0
 local interval, start = 0, nil
 local once = true
 local running = false -- wrk calls request() once before the run, to check the script
@@ -62,13 +64,14 @@ end
 
 function delay()
   running = true
-  if once and sent >= #reqs then
+  if once and reserved >= #reqs then
     return 3600000 -- nothing left to send: this connection idles until the thread stops
   end
+  reserved = reserved + 1
   if interval == 0 then return 0 end
   local now = now_ms()
   if start == nil then start = now end
-  local due = start + sent * interval - now
+  local due = start + (reserved - 1) * interval - now
   return due > 0 and math.floor(due) or 0
 end
 
