@@ -556,6 +556,8 @@ def load_average() -> str:
 async def prepare(bench: BenchStack, client: CampaignClient, args: argparse.Namespace):  # noqa: ANN201
     """The audience and a sent campaign whose message ids the events name."""
     audience = await ensure_audience(bench.pool, args.recipients)
+    # An earlier run's bounces may have suppressed some of the audience.
+    await bench.pool.execute("DELETE FROM suppressions WHERE org_id = $1", BENCH_ORG)
     spec = make_spec(f"bench-hooks-target-{uuid.uuid4().hex[:8]}", audience, args)
     started = time.perf_counter()
     handle = await client.start(spec)
