@@ -222,6 +222,20 @@ SERVICE_METRICS = (
 """What the HTTP service's ``GET /metrics`` serves."""
 
 
+SDK_SERIES = frozenset(
+    {
+        "temporal_activity_execution_latency_bucket",
+        "temporal_activity_execution_latency_count",
+        "temporal_activity_schedule_to_start_latency_bucket",
+        "temporal_worker_task_slots_used",
+        "temporal_workflow_task_schedule_to_start_latency_bucket",
+        "temporal_request_total",
+    }
+)
+"""The Temporal SDK's series that the provisioned dashboard reads (a worker's endpoint
+serves them; ``tests/test_metrics.py`` checks it)."""
+
+
 def exported_names() -> frozenset[str]:
     """Every sample name the product exports (for checking dashboards and alerts)."""
     return frozenset(name for m in WORKER_METRICS + SERVICE_METRICS for name in m.series)

@@ -42,6 +42,7 @@ from tests.helpers import (
     make_spec,
     unique,
 )
+from tests.test_compose import dashboard_queries
 from tests.test_crash_recovery import ROOT, WorkerProcess
 
 PROMETHEUS = "/usr/bin/prometheus"
@@ -175,6 +176,7 @@ async def test_a_worker_serves_the_sdk_and_product_metrics_and_they_move(
     assert total(after, "temporal_request_total") > 0
     assert total(after, "temporal_workflow_completed_total", workflow_type="CampaignWorkflow") >= 1
     assert {"campaigns_emails_total", "campaigns_provider_requests_total"} <= names(after)
+    assert metrics.SDK_SERIES <= names(after), sorted(metrics.SDK_SERIES - names(after))
 
 
 async def test_a_malformed_metrics_address_stops_the_worker_at_once_naming_the_setting(
@@ -342,3 +344,8 @@ async def test_a_real_prometheus_scrapes_the_worker(
         await eventually(lambda: query(http, promql), sent, within=30, what=promql)
         up = await query(http, 'up{job="worker"}')
         assert [float(r["value"][1]) for r in up] == [1.0]
+        # Every query of the provisioned dashboard is one this Prometheus accepts.
+        for expr in dashboard_queries():
+            grafana_free = expr.replace("$__rate_interval", "1m")
+            response = await http.get("/api/v1/query", params={"query": grafana_free})
+            assert response.status_code == 200, (expr, response.text)
