@@ -4,7 +4,9 @@ Settings come from the environment (see ``campaigns.settings``): ``TEMPORAL_ADDR
 ``TEMPORAL_NAMESPACE``, ``CAMPAIGNS_TASK_QUEUE``, ``DATABASE_URL``,
 ``PROVIDER_BASE_URL``, ``PROVIDER_API_KEY`` and ``WORKER_QUEUES`` (``campaigns``,
 ``maintenance`` or both, the default); a ``campaigns`` worker also needs
-``UNSUBSCRIBE_BASE_URL`` and ``UNSUBSCRIBE_SECRET``. SIGTERM or SIGINT stops polling, lets
+``UNSUBSCRIBE_BASE_URL`` and ``UNSUBSCRIBE_SECRET``. ``WORKER_METRICS_ADDRESS`` (default
+``127.0.0.1:9464``, ``off`` to turn it off) is where it serves Prometheus metrics, the
+Temporal SDK's and the product's (``campaigns.metrics``). SIGTERM or SIGINT stops polling, lets
 in-flight activities finish for ``WORKER_GRACEFUL_SHUTDOWN_SECONDS``, then hands the
 rest back to Temporal, which retries them on another worker.
 
@@ -26,6 +28,7 @@ import asyncpg
 import structlog
 from pydantic import ValidationError
 from temporalio.client import Client
+from temporalio.runtime import Runtime
 from temporalio.worker import Worker
 
 from activities import (
@@ -36,12 +39,12 @@ from activities import (
     ReputationActivities,
     SendingActivities,
 )
-from campaigns import store
+from campaigns import metrics, store
 from campaigns.logs import configure_logging
 from campaigns.provider import ProviderClient
 from campaigns.schedules import MAINTENANCE_TASK_QUEUE, refresh_once
 from campaigns.sender_identity import SendingDomains
-from campaigns.settings import Settings
+from campaigns.settings import METRICS_OFF, Settings
 from campaigns.temporal import connect
 from campaigns.unsubscribe import UnsubscribeConfigError, UnsubscribeLinks
 from workflows import CampaignWorkflow, RefreshFirstPartyOrgsWorkflow
@@ -140,6 +143,8 @@ def provider_from(settings: Settings) -> ProviderClient:
         settings.provider_api_key,
         timeout_seconds=settings.provider_timeout_seconds,
         max_connections=settings.provider_max_connections,
+        # Looked up per answer: the metrics are installed after the client is made.
+        on_answer=lambda status, seconds: metrics.worker().provider_answer(status, seconds),
     )
 
 
@@ -181,6 +186,32 @@ def queues_from(settings: Settings) -> list[str]:
             "use campaigns, maintenance or both"
         )
     return queues
+
+
+def metrics_runtime(settings: Settings) -> Runtime | None:
+    """The Temporal runtime serving this worker's metrics at ``WORKER_METRICS_ADDRESS``,
+    with the product's instruments installed on it; None when metrics are off.
+
+    An address already in use is logged as an error and the worker runs without its
+    endpoint: sending mail matters more than being scraped, and Prometheus shows the
+    target as down. (A malformed address never gets here: ``Settings`` refuses it.)
+    """
+    address = settings.worker_metrics_address
+    if address == METRICS_OFF:
+        log.info("metrics endpoint off", setting="WORKER_METRICS_ADDRESS")
+        return None
+    try:
+        runtime = metrics.worker_runtime(address)
+    except ValueError as exc:
+        log.error(
+            "metrics endpoint not started: set WORKER_METRICS_ADDRESS to a free ip:port or 'off'",
+            address=address,
+            error=str(exc),
+        )
+        return None
+    metrics.install(runtime.metric_meter)
+    log.info("metrics endpoint listening", url=f"http://{address}/metrics")
+    return runtime
 
 
 def _transient(error: BaseException) -> bool:
@@ -253,6 +284,8 @@ async def run(settings: Settings) -> None:
         provider = provider_from(settings)
     except RuntimeError as exc:
         raise ConfigurationError(str(exc)) from None
+    # Up before the waits, so a worker waiting for its servers is seen (and scraped).
+    runtime = metrics_runtime(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -285,7 +318,9 @@ async def run(settings: Settings) -> None:
         if schema is None:  # told to stop while waiting
             return
         client = await _ready(
-            f"Temporal at {settings.temporal_address}", lambda: connect(settings), stop
+            f"Temporal at {settings.temporal_address}",
+            lambda: connect(settings, runtime=runtime),
+            stop,
         )
         if client is None:
             return

@@ -35,6 +35,7 @@ from temporalio.exceptions import ApplicationError
 
 from activities._batch_triage import triage
 from activities.planning import scope_problem
+from campaigns import metrics
 from campaigns.contract import (
     INVALID_SPEC_ERROR,
     PROVIDER_AUTH_ERROR,
@@ -368,6 +369,7 @@ class SendingActivities:
             outcomes,
             clear_plan=fatal is None and throttled_for is None,
         )
+        metrics.worker().emails(campaign.org, campaign.campaign_id, outcomes.statuses)
         if fatal is not None:
             log.error("batch stopped", error=fatal.message)
             raise fatal

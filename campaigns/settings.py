@@ -14,12 +14,13 @@ The environment wins over both. Secrets are ``SecretStr``: they print as
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     DotEnvSettingsSource,
@@ -31,6 +32,8 @@ from pydantic_settings import (
 DEFAULT_TASK_QUEUE = "campaigns"
 STACK_FILE_NAME = "stack.json"
 STACK_ENV_FILE_NAME = "stack.env"
+METRICS_OFF = "off"
+DEFAULT_WORKER_METRICS_ADDRESS = "127.0.0.1:9464"
 
 
 def data_dir() -> Path:
@@ -93,8 +96,20 @@ class Settings(BaseSettings):
     soft_bounce_limit: int = Field(
         default=3, ge=1, le=100, description="Soft bounces in a row that suppress an address."
     )
+    worker_metrics_address: str = Field(
+        default=DEFAULT_WORKER_METRICS_ADDRESS,
+        description="ip:port of the worker's Prometheus endpoint (/metrics), or 'off'.",
+    )
+    api_metrics: bool = Field(
+        default=True, description="Whether the HTTP service serves GET /metrics."
+    )
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: str = "INFO"
+
+    @field_validator("worker_metrics_address")
+    @classmethod
+    def _metrics_address(cls, value: str) -> str:
+        return metrics_address(value)
 
     @classmethod
     def settings_customise_sources(
@@ -132,3 +147,29 @@ class Settings(BaseSettings):
                 "(start one with `campaigns stack up` or export DATABASE_URL)"
             )
         return self.database_url
+
+
+def metrics_address(value: str) -> str:
+    """``value`` as a metrics bind address: ``ip:port`` (``[::1]:9464`` for IPv6), or
+    ``off`` (also for an empty value).
+
+    Raises:
+        ValueError: naming ``WORKER_METRICS_ADDRESS`` and the expected form.
+    """
+    value = value.strip()
+    if value.lower() in ("", METRICS_OFF):
+        return METRICS_OFF
+    expected = (
+        f"WORKER_METRICS_ADDRESS must be ip:port (such as {DEFAULT_WORKER_METRICS_ADDRESS}, "
+        f"0.0.0.0:9464 or [::]:9464, port 1-65535) or '{METRICS_OFF}', not {value[:80]!r}"
+    )
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535 or len(value) > 64:
+        raise ValueError(expected)
+    try:
+        ipaddress.ip_address(host[1:-1] if host.startswith("[") and host.endswith("]") else host)
+    except ValueError:
+        raise ValueError(expected) from None
+    if ":" in host and not host.startswith("["):
+        raise ValueError(expected)  # an IPv6 address needs its brackets before the port
+    return f"{host}:{int(port)}"

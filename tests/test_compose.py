@@ -459,3 +459,148 @@ def test_image_holds_no_secrets() -> None:
     # .env would otherwise be sent in the build context and could be copied in.
     ignored = DOCKERIGNORE.read_text().splitlines()
     assert ".env" in ignored
+
+
+# --- metrics: Prometheus and Grafana -----------------------------------------------------
+
+DEPLOY = ROOT / "deploy"
+PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
+GRAFANA_DATASOURCES = DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
+GRAFANA_PROVIDERS = DEPLOY / "grafana" / "provisioning" / "dashboards" / "campaigns.yml"
+DASHBOARD = DEPLOY / "grafana" / "dashboards" / "campaigns.json"
+METRIC_NAME = re.compile(r"\b(?:campaigns|temporal)_[a-z0-9_]+")
+
+
+def bind_mounts(service: dict[str, Any]) -> dict[str, str]:
+    """A service's bind mounts, container path to the repository path they mount."""
+    mounts = {}
+    for volume in service.get("volumes", []):
+        source, target = volume.split(":")[:2]
+        if source.startswith("./"):
+            mounts[target] = source
+    return mounts
+
+
+def scrape_jobs() -> dict[str, dict[str, Any]]:
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    return {job["job_name"]: job for job in config["scrape_configs"]}
+
+
+def dashboard_queries() -> list[str]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    return [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
+
+
+def test_metrics_services_mount_files_that_exist(compose: dict[str, Any]) -> None:
+    for name in ("prometheus", "grafana"):
+        mounts = bind_mounts(services(compose)[name])
+        assert mounts, f"{name} mounts nothing from deploy/"
+        for source in mounts.values():
+            assert (ROOT / source).exists(), f"{name} mounts {source}, which does not exist"
+            assert source.startswith("./deploy/"), f"{name} mounts {source} from outside deploy/"
+    for path in (PROMETHEUS_CONFIG, GRAFANA_DATASOURCES, GRAFANA_PROVIDERS, DASHBOARD):
+        assert path.is_file(), f"{path.relative_to(ROOT)} is missing"
+    prometheus = services(compose)["prometheus"]
+    config_flag = next(a for a in argv_of(prometheus["command"]) if a.startswith("--config.file="))
+    config_target = config_flag.split("=", 1)[1]
+    assert bind_mounts(prometheus)[config_target] == "./deploy/prometheus/prometheus.yml"
+    grafana = services(compose)["grafana"]
+    providers = yaml.safe_load(GRAFANA_PROVIDERS.read_text())["providers"]
+    for provider in providers:
+        dashboards = bind_mounts(grafana)[provider["options"]["path"]]
+        assert (ROOT / dashboards / DASHBOARD.name).is_file()
+    assert bind_mounts(grafana)["/etc/grafana/provisioning"] == "./deploy/grafana/provisioning"
+
+
+def test_prometheus_scrapes_every_worker_and_the_api_where_they_serve(
+    compose: dict[str, Any],
+) -> None:
+    from campaigns.settings import metrics_address
+
+    jobs = scrape_jobs()
+    assert set(jobs) == {"worker", "api"}
+    worker_address = metrics_address(
+        environment(services(compose)["worker"])["WORKER_METRICS_ADDRESS"]
+    )
+    host, _, worker_port = worker_address.rpartition(":")
+    assert host == "0.0.0.0", "a worker bound to 127.0.0.1 cannot be scraped from another container"
+    api_argv = argv_of(services(compose)["api"]["command"])
+    api_port = api_argv[api_argv.index("--port") + 1]
+    assert Settings.model_fields["api_metrics"].default is True
+    for job, service, port in (("worker", "worker", worker_port), ("api", "api", api_port)):
+        assert service in services(compose)
+        assert jobs[job].get("metrics_path", "/metrics") == "/metrics"
+        # DNS discovery: one target per container of a scaled service.
+        (discovery,) = jobs[job]["dns_sd_configs"]
+        assert discovery["names"] == [service] and discovery.get("type", "SRV") == "A"
+        assert str(discovery["port"]) == port, (
+            f"{job} scraped on {discovery['port']}, served on {port}"
+        )
+
+
+def test_prometheus_config_is_valid_for_promtool() -> None:
+    import shutil
+    import subprocess
+
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (apt-get install prometheus)")
+    result = subprocess.run(
+        [promtool, "check", "config", str(PROMETHEUS_CONFIG)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_grafana_reads_the_prometheus_service(compose: dict[str, Any]) -> None:
+    (datasource,) = yaml.safe_load(GRAFANA_DATASOURCES.read_text())["datasources"]
+    assert datasource["type"] == "prometheus" and datasource["isDefault"] is True
+    assert datasource["url"] == "http://prometheus:9090"
+    assert any(str(p).endswith(":9090") for p in services(compose)["prometheus"]["ports"])
+    assert dependencies(services(compose)["grafana"]) == {"prometheus": "service_started"}
+    dashboard = json.loads(DASHBOARD.read_text())
+    uids = {
+        source["uid"]
+        for panel in dashboard["panels"]
+        for source in [
+            panel.get("datasource"),
+            *(t.get("datasource") for t in panel.get("targets", [])),
+        ]
+        if source
+    }
+    assert uids == {datasource["uid"]}
+
+
+def test_dashboard_queries_name_only_metrics_the_code_defines() -> None:
+    from campaigns import metrics
+
+    queries = dashboard_queries()
+    assert queries
+    used = {name for query in queries for name in METRIC_NAME.findall(query)}
+    known = metrics.exported_names() | metrics.SDK_SERIES
+    assert used <= known, f"the dashboard reads metrics nothing exports: {sorted(used - known)}"
+    # What the dashboard is for: throughput by org, outcomes, latency quantiles, 429s,
+    # the webhook path.
+    joined = "\n".join(queries)
+    assert 'sum by (org) (rate(campaigns_emails_total{outcome="sent"}' in joined
+    assert "sum by (outcome) (rate(campaigns_emails_total" in joined
+    for quantile in ("0.5", "0.95", "0.99"):
+        assert (
+            f"histogram_quantile({quantile}, sum by (le) "
+            "(rate(campaigns_provider_request_duration_seconds_bucket"
+        ) in joined
+    for name in (
+        "campaigns_provider_throttled_total",
+        "campaigns_provider_requests_total",
+        "campaigns_webhook_events_total",
+        "campaigns_webhook_settled_total",
+        "campaigns_webhook_refused_total",
+        "campaigns_webhook_backlog",
+    ):
+        assert name in used, f"the dashboard shows no {name}"
+
+
+def test_dashboard_query_check_has_teeth() -> None:
+    from campaigns import metrics
+
+    known = metrics.exported_names() | metrics.SDK_SERIES
+    assert not set(METRIC_NAME.findall("rate(campaigns_emails_sent_total[1m])")) <= known

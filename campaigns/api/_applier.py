@@ -17,6 +17,7 @@ import asyncpg
 import structlog
 
 from campaigns.engagement import apply_pending
+from campaigns.metrics import ServiceMetrics
 from campaigns.store import events as store
 
 log = structlog.get_logger(__name__)
@@ -44,14 +45,23 @@ class ApplyStats:
 class Applier:
     """The background loop; ``poke`` after storing events."""
 
-    def __init__(self, pool: asyncpg.Pool, *, soft_bounce_limit: int, batch: int = 1000) -> None:
-        """``soft_bounce_limit``: soft bounces in a row that suppress an address."""
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        soft_bounce_limit: int,
+        batch: int = 1000,
+        metrics: ServiceMetrics | None = None,
+    ) -> None:
+        """``soft_bounce_limit``: soft bounces in a row that suppress an address;
+        ``metrics`` counts what each batch settles (a registry of its own when None)."""
         self._pool = pool
         self._soft_bounce_limit = soft_bounce_limit
         self._batch = batch
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.stats = ApplyStats()
+        self._metrics = metrics or ServiceMetrics()
 
     def start(self) -> None:
         """Start the loop."""
@@ -112,6 +122,12 @@ class Applier:
         self.stats.waiting_for_their_message += len(decided.retry_in)
         self.stats.suppressed += len(decided.suppressions)
         self.stats.batches += 1
+        self._metrics.applied(
+            applied=outcomes.count("applied"),
+            unmatched=unmatched,
+            retries=len(decided.retry_in),
+            suppressions=len(decided.suppressions),
+        )
         if unmatched:
             # Kept in webhook_events (outcome 'unmatched'), never lost.
             log.warning("webhook events name no message we sent", events=unmatched)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import asyncpg
 import structlog
 
+from campaigns.metrics import ServiceMetrics
 from campaigns.store import events as store
 from campaigns.store.events import NewEvent
 
@@ -57,8 +58,10 @@ class Ingester:
         max_pending: int = 20_000,
         writers: int = 3,
         on_stored: Callable[[], None] | None = None,
+        metrics: ServiceMetrics | None = None,
     ) -> None:
-        """``on_stored`` is called after each commit that stored new events."""
+        """``on_stored`` is called after each commit that stored new events; ``metrics``
+        counts what each commit stored (a registry of its own when None)."""
         self._pool = pool
         self._max_batch = max_batch
         self._max_pending = max_pending
@@ -68,6 +71,7 @@ class Ingester:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.stats = IngestStats()
+        self._metrics = metrics or ServiceMetrics()
 
     def start(self) -> None:
         """Start the flush loops."""
@@ -119,6 +123,7 @@ class Ingester:
             new = await store.insert(self._pool, [w.event for w in batch])
         except Exception as error:  # the database is unreachable: 503, the provider retries
             self.stats.failed_commits += 1
+            self._metrics.commit_failures.inc()
             log.warning(
                 "webhook events not stored",
                 events=len(batch),
@@ -131,6 +136,7 @@ class Ingester:
             return
         self.stats.statements += 1
         seen: set[str] = set()
+        stored_before = self.stats.stored
         for waiting in batch:
             svix_id = waiting.event.svix_id
             is_new = svix_id in new and svix_id not in seen
@@ -139,5 +145,7 @@ class Ingester:
             self.stats.duplicates += not is_new
             if not waiting.done.done():
                 waiting.done.set_result(is_new)
+        stored = self.stats.stored - stored_before
+        self._metrics.stored(stored, len(batch) - stored)
         if new and self._on_stored is not None:
             self._on_stored()

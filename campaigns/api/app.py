@@ -6,7 +6,10 @@ Routes:
   ASGI in front of the Starlette app: it takes the bursts);
 * ``GET|POST /u/{token}``: one-click unsubscribe (``unsubscribe.py``);
 * ``GET /healthz``: the process is up; ``GET /readyz``: PostgreSQL answers and the
-  schema is current, with the event backlog.
+  schema is current, with the event backlog;
+* ``GET /metrics``: Prometheus metrics (``campaigns.metrics``; ``API_METRICS=false``
+  removes it). Keep it off the public side of the TLS proxy: only the webhook and
+  unsubscribe paths need to be reachable from the internet.
 
 Every request body is bounded (``BodyLimit``: 413 past the limit, whatever
 Content-Length says), and every error is JSON ``{"error": code, "message": text}``.
@@ -14,12 +17,15 @@ Content-Length says), and every error is JSON ``{"error": code, "message": text}
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import asdict
 from typing import Any
 
+import orjson
 import structlog
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -32,7 +38,9 @@ from campaigns.api._applier import Applier
 from campaigns.api._ingest import Ingester
 from campaigns.api._resend_events import MAX_WEBHOOK_BYTES, SignatureCheck
 from campaigns.api.unsubscribe import ROUTES as unsubscribe_routes
+from campaigns.api.webhooks import PATH as WEBHOOK_PATH
 from campaigns.api.webhooks import WebhookFrontDoor
+from campaigns.metrics import ServiceMetrics
 from campaigns.settings import Settings
 from campaigns.store import events as event_rows
 from campaigns.unsubscribe import UnsubscribeLinks
@@ -129,6 +137,62 @@ async def readyz(request: Request) -> Response:
     )
 
 
+BACKLOG_READ_SECONDS = 2.0
+"""The longest a scrape waits for the backlog count before answering without it."""
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    """Prometheus metrics: this process's webhook counters and the stored backlog."""
+    service: ServiceMetrics = request.app.state.metrics
+    try:
+        async with asyncio.timeout(BACKLOG_READ_SECONDS):
+            backlog = await event_rows.backlog(request.app.state.pool)
+        service.set_backlog(backlog.due, backlog.waiting)
+    except Exception:  # the database is down: the counters are still worth serving
+        service.set_backlog(None, None)
+    service.pending_store.set(request.app.state.ingester.pending)
+    return Response(generate_latest(service.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+class CountRefusals:
+    """ASGI wrapper: counts the webhook endpoint's refusals by status and error code.
+
+    It reads the code from the answer's JSON body (``{"error": code, ...}``, a few
+    bytes) only when the status is 400 or more, so accepted events cost one closure.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
+        """Wrap ``app``."""
+        self.app = app
+        self._metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve one request or lifespan event."""
+        if scope["type"] != "http" or scope["path"] != WEBHOOK_PATH:
+            await self.app(scope, receive, send)
+            return
+        status = 0
+
+        async def watching_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body" and status >= 400:
+                self._metrics.refusal(status, _error_code(message.get("body", b"")))
+                status = 0  # one count per answer, whatever the number of body parts
+            await send(message)
+
+        await self.app(scope, receive, watching_send)
+
+
+def _error_code(body: bytes) -> object:
+    try:
+        answer = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    return answer.get("error") if isinstance(answer, dict) else None
+
+
 async def _not_found(request: Request, exc: Exception) -> Response:
     return error(404, "not_found", f"no such endpoint: {request.method} {request.url.path}")
 
@@ -144,7 +208,7 @@ async def _server_error(request: Request, exc: Exception) -> Response:
     return error(500, "internal_error", "the service failed to handle the request")
 
 
-def create_app(settings: Settings, *, pool_size: int = 10) -> WebhookFrontDoor:
+def create_app(settings: Settings, *, pool_size: int = 10) -> ASGIApp:
     """The ASGI app; its lifespan opens the pool and runs the ingester and applier.
 
     Raises:
@@ -158,15 +222,19 @@ def create_app(settings: Settings, *, pool_size: int = 10) -> WebhookFrontDoor:
     # Raises UnsubscribeConfigError (a ValueError) naming the variable: every message
     # links here, so the service does not start without it.
     unsubscribe = UnsubscribeLinks.from_settings(settings)
+    service_metrics = ServiceMetrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         database_url = settings.require_database_url()
         # min_size 0: the service starts (healthz answers) before PostgreSQL does.
         pool = await store.create_pool(database_url, min_size=0, max_size=pool_size)
-        applier = Applier(pool, soft_bounce_limit=settings.soft_bounce_limit)
-        ingester = Ingester(pool, on_stored=applier.poke)
+        applier = Applier(
+            pool, soft_bounce_limit=settings.soft_bounce_limit, metrics=service_metrics
+        )
+        ingester = Ingester(pool, on_stored=applier.poke, metrics=service_metrics)
         app.state.pool, app.state.ingester, app.state.applier = pool, ingester, applier
+        app.state.metrics = service_metrics
         app.state.signature, app.state.unsubscribe = signature, unsubscribe
         ingester.start()
         applier.start()
@@ -186,10 +254,12 @@ def create_app(settings: Settings, *, pool_size: int = 10) -> WebhookFrontDoor:
         Route("/readyz", readyz, methods=["GET"]),
         *unsubscribe_routes,
     ]
+    if settings.api_metrics:
+        routes.append(Route("/metrics", metrics_endpoint, methods=["GET"]))
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
         exception_handlers={404: _not_found, HTTPException: _http_error, 500: _server_error},
     )
     app.add_middleware(BodyLimit, limit=MAX_WEBHOOK_BYTES)
-    return WebhookFrontDoor(app)
+    return CountRefusals(WebhookFrontDoor(app), service_metrics)

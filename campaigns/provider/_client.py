@@ -21,8 +21,9 @@ import asyncio
 import hashlib
 import math
 import re
+import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -328,6 +329,10 @@ async def _read_body(response: httpx.Response, limit: int = MAX_ANSWER_BYTES) ->
     return _decoded(raw, response.headers.get("content-encoding", ""), limit)
 
 
+def _unobserved(status: int | str, seconds: float) -> None:
+    return None
+
+
 class ProviderClient:
     """Sends batch requests; one instance per process."""
 
@@ -338,14 +343,19 @@ class ProviderClient:
         *,
         timeout_seconds: float = 30.0,
         max_connections: int = 32,
+        on_answer: Callable[[int | str, float], None] | None = None,
     ) -> None:
         """Create the shared HTTP client; the key is only unwrapped into the header.
+
+        ``on_answer(status, seconds)`` is told of every request (for metrics): the HTTP
+        status, or ``"timeout"`` / ``"connection"`` when none came, and its duration.
 
         ``timeout_seconds`` is the total deadline of one request, from connecting to
         the last byte of the answer (a body trickled slowly cannot stretch it); the
         wait for a free connection is not part of it.
         """
         self._deadline = timeout_seconds
+        self._observe = on_answer or _unobserved
         self._http = httpx.AsyncClient(
             base_url=base_url.rstrip("/"),
             headers={
@@ -379,18 +389,24 @@ class ProviderClient:
             ProviderConfigError: on 404/405 or a redirect (wrong base URL).
         """
         body = orjson.dumps(emails)
+        started = time.perf_counter()
         try:
             async with self._slots, asyncio.timeout(self._deadline):
+                started = time.perf_counter()  # the provider's time, not the queue's
                 answer = await self._exchange(body, idempotency_key)
         except TimeoutError:
+            self._observe("timeout", time.perf_counter() - started)
             code = f"timeout: no whole answer within {self._deadline:g}s"
             return _soft(code, code)
         except httpx.TimeoutException as exc:
+            self._observe("timeout", time.perf_counter() - started)
             code = f"timeout: {type(exc).__name__}"
             return _soft(code, code)
         except httpx.TransportError as exc:
+            self._observe("connection", time.perf_counter() - started)
             # The exception's text may quote what the server sent: ledger only.
             return _soft(f"connection error: {type(exc).__name__}", f"connection error: {exc!r}")
+        self._observe(answer.status, time.perf_counter() - started)
         return classify_answer(answer, len(emails))
 
     async def _exchange(self, body: bytes, idempotency_key: str) -> Answer:
