@@ -101,6 +101,7 @@ async def bench_stack(data_dir: Path, workers: int = 1) -> AsyncIterator[BenchSt
         ui_port=_free_port(),
         simulator_port=_free_port(),
         api_port=_free_port(),
+        metrics_port=_free_port(),
         workers=workers,
         database_url=os.environ.get("DATABASE_URL") or None,
     )

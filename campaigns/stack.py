@@ -62,6 +62,7 @@ _STACK_OWNED_ENV = (
     "UNSUBSCRIBE_BASE_URL",
     "UNSUBSCRIBE_SECRET",
     "API_PORT",
+    "WORKER_METRICS_ADDRESS",
 )
 # What stack.env may hold unquoted, in both dotenv and POSIX shell syntax.
 _PLAIN_VALUE = re.compile(r"[A-Za-z0-9_@%+=:,./~-]*")
@@ -80,6 +81,8 @@ class StackConfig:
     ui_port: int = int(os.environ.get("CAMPAIGNS_UI_PORT", 8233))
     simulator_port: int = int(os.environ.get("CAMPAIGNS_SIMULATOR_PORT", 8025))
     api_port: int = int(os.environ.get("CAMPAIGNS_API_PORT", 8090))
+    metrics_port: int = int(os.environ.get("CAMPAIGNS_METRICS_PORT", 9464))
+    """The first worker's Prometheus endpoint; worker N serves the port N - 1 above."""
     workers: int = 1
     database_url: str | None = field(
         default_factory=lambda: os.environ.get("DATABASE_URL") or None, repr=False
@@ -481,8 +484,15 @@ class LocalStack:
             "UNSUBSCRIBE_SECRET": unsubscribe_secret,
             "LOG_FORMAT": "json",
         }
+        metrics = []
         for number in range(1, config.workers + 1):
-            self._add(f"worker-{number}", [sys.executable, "worker.py"], worker_env)
+            address = f"127.0.0.1:{config.metrics_port + number - 1}"
+            metrics.append(f"http://{address}/metrics")
+            self._add(
+                f"worker-{number}",
+                [sys.executable, "worker.py"],
+                {**worker_env, "WORKER_METRICS_ADDRESS": address},
+            )
 
         # No secret here: Settings reads the database URL and the tokens from stack.env.
         state = {
@@ -494,6 +504,7 @@ class LocalStack:
             "provider_base_url": simulator_url,
             "api_url": api_url,
             "workers": config.workers,
+            "worker_metrics": metrics,
             "services": {c.name: c.process.pid for c in self.children if c.process},
             "started_at": time.time(),
         }
@@ -597,7 +608,7 @@ async def run_foreground(config: StackConfig) -> int:
             f"  PostgreSQL    {state['database']}\n"
             f"  simulator     {state['provider_base_url']}\n"
             f"  HTTP service  {state['api_url']} (webhooks, unsubscribe)\n"
-            f"  workers       {config.workers}\n"
+            f"  workers       {config.workers} (metrics: {', '.join(state['worker_metrics'])})\n"
             f"  logs          {config.log_dir}"
         )
         while not stop.is_set() and problem is None:

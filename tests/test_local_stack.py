@@ -105,6 +105,8 @@ async def start_stack(
         str(ports["simulator"]),
         "--api-port",
         str(ports["api"]),
+        "--metrics-port",
+        str(ports["metrics"]),
         "--workers",
         "1",
         env=env,
@@ -185,7 +187,7 @@ async def test_stack_runs_the_demo_stops_on_ctrl_c_and_keeps_history(
 ) -> None:
     data_dir = tmp_path / "data"
     env = stack_env(data_dir)
-    ports = {name: free_port() for name in ("temporal", "ui", "simulator", "api")}
+    ports = {name: free_port() for name in ("temporal", "ui", "simulator", "api", "metrics")}
 
     process = await start_stack(stacks, env, ports)
     state = await wait_for_file(data_dir / "stack.json", process)
@@ -206,6 +208,11 @@ async def test_stack_runs_the_demo_stops_on_ctrl_c_and_keeps_history(
     assert code == 0, out + err
     assert "300 emails accepted for 300 recipients" in " ".join(out.split())
     assert "(exactly once)" in out
+    # The provider's webhooks were applied, and the worker's metrics counted the sends.
+    assert "suppressed for org demo" in " ".join(out.split())
+    async with httpx.AsyncClient() as http:
+        scraped = (await http.get(state["worker_metrics"][0])).text
+    assert "campaigns_emails_total{" in scraped and 'org="demo"' in scraped
     output = await stop_with_ctrl_c(process, state)
     assert "local stack stopped" in output
     assert not (data_dir / "stack.json").exists()
@@ -292,7 +299,7 @@ async def test_stack_files_are_private_and_hold_no_secrets(
         "PROVIDER_API_KEY": api_key,
         "PROVIDER_BASE_URL": "https://api.provider.invalid",
     }
-    ports = {name: free_port() for name in ("temporal", "ui", "simulator", "api")}
+    ports = {name: free_port() for name in ("temporal", "ui", "simulator", "api", "metrics")}
     process = await start_stack(stacks, env, ports)
     state = await wait_for_file(data_dir / "stack.json", process)
 
@@ -331,6 +338,8 @@ async def test_stack_files_are_private_and_hold_no_secrets(
     async with httpx.AsyncClient(base_url=state["api_url"]) as http:
         ready = (await http.get("/readyz")).json()
         assert ready["database"] == "ok" and ready["webhooks"] is True
+    [metrics_url] = state["worker_metrics"]
+    assert metrics_url == f"http://127.0.0.1:{ports['metrics']}/metrics"
 
     # The CLI, with nothing exported, finds the database and the admin token; the demo
     # sends through the workers, so the simulator accepted our key.

@@ -300,6 +300,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--ui-port", type=port_arg)
     sub.add_argument("--simulator-port", type=port_arg)
     sub.add_argument("--api-port", type=port_arg)
+    sub.add_argument("--metrics-port", type=port_arg, help="the first worker's metrics port")
     add("down", cmd_stack_down, "stop the local stack", group)
     add("status", cmd_stack_status, "show the local stack's addresses", group)
     sub = add("api", None, "serve the HTTP service: provider webhooks, one-click unsubscribe")

@@ -44,7 +44,14 @@ from campaigns.store import orgs
 def stack_config(args: Namespace) -> StackConfig:
     """Stack settings from flags, falling back to the environment's."""
     config = StackConfig(data_dir=data_dir())
-    for name in ("temporal_port", "ui_port", "simulator_port", "api_port", "workers"):
+    for name in (
+        "temporal_port",
+        "ui_port",
+        "simulator_port",
+        "api_port",
+        "metrics_port",
+        "workers",
+    ):
         value = getattr(args, name, None)
         if value is not None:
             setattr(config, name, value)
@@ -59,7 +66,7 @@ async def cmd_stack_up(args: Namespace, settings: Settings, console: Console) ->
     argv = ["stack", "up", "--workers", str(config.workers)]
     argv += ["--temporal-port", str(config.temporal_port), "--ui-port", str(config.ui_port)]
     argv += ["--simulator-port", str(config.simulator_port)]
-    argv += ["--api-port", str(config.api_port)]
+    argv += ["--api-port", str(config.api_port), "--metrics-port", str(config.metrics_port)]
     state = start_detached(config, argv)
     console.print(
         f"local stack running (pid {state['pid']}): Temporal {state['temporal_address']}, "
