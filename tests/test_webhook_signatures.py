@@ -74,3 +74,9 @@ def test_a_secret_that_is_not_a_signing_secret_is_refused_at_start() -> None:
     for secret in ("whsec_", "whsec_!!!!", ""):
         with pytest.raises(ValueError, match="WEBHOOK_SECRET"):
             SignatureCheck(secret)
+
+
+def test_a_secret_without_its_prefix_or_too_short_is_refused() -> None:
+    for secret in ("nope", "whsec_" + base64.b64encode(b"short").decode()):
+        with pytest.raises(ValueError, match="WEBHOOK_SECRET"):
+            SignatureCheck(secret)

@@ -26,6 +26,18 @@ IDLE_SECONDS = 1.0
 RETENTION_DAYS = 30
 """Settled events are kept this long (the provider retries for about 3 days)."""
 PURGE_EVERY_SECONDS = 3600.0
+SET_ASIDE_SECONDS = 3600.0
+"""How long an event that fails to apply on its own waits before it is tried again."""
+# Failures that waiting cures: the database is down, restarting or full.
+_TRANSIENT = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.AdminShutdownError,
+)
 
 
 @dataclass
@@ -38,6 +50,8 @@ class ApplyStats:
     waiting_for_their_message: int = 0
     """Tries of events whose message the ledger did not know yet (tried again later)."""
     suppressed: int = 0
+    set_aside: int = 0
+    """Events that failed to apply on their own, put off by ``SET_ASIDE_SECONDS``."""
     batches: int = 0
     errors: int = 0
 
@@ -95,7 +109,7 @@ class Applier:
                 delay = IDLE_SECONDS
             except asyncpg.DeadlockDetectedError:
                 delay = 0.05  # lost a race with the send path: try again at once
-            except Exception as error:  # the database is down: try again later
+            except _TRANSIENT as error:  # the database is down: try again later
                 self.stats.errors += 1
                 delay = min(max(delay * 2, IDLE_SECONDS), 30.0)
                 log.warning(
@@ -104,13 +118,43 @@ class Applier:
                     sqlstate=getattr(error, "sqlstate", None),
                     retry_in_seconds=delay,
                 )
+            except Exception as error:
+                # Something in the batch the rules cannot take: apply one event at a
+                # time and set aside the one that fails, so the rest is not held up.
+                self.stats.errors += 1
+                log.warning("webhook batch failed; applying one by one", error=type(error).__name__)
+                try:
+                    await self._isolate()
+                except Exception as again:
+                    log.warning("webhook events not applied", error=type(again).__name__)
+                delay = 0.05
 
-    async def _apply_once(self) -> int:
+    async def _isolate(self) -> None:
+        """Apply due events one by one until one fails alone; set that one aside."""
+        for _ in range(self._batch):
+            try:
+                if await self._apply_once(limit=1) == 0:
+                    return
+            except _TRANSIENT:
+                raise
+            except Exception as error:
+                async with self._pool.acquire() as conn:
+                    seq = await store.defer_first_due(conn, seconds=SET_ASIDE_SECONDS)
+                self.stats.set_aside += seq is not None
+                log.error(
+                    "webhook event set aside: it cannot be applied",
+                    seq=seq,
+                    error=type(error).__name__,
+                    retry_in_seconds=SET_ASIDE_SECONDS,
+                )
+                return
+
+    async def _apply_once(self, limit: int | None = None) -> int:
         async with self._pool.acquire() as conn:
             decided = await apply_pending(
                 conn,
                 soft_bounce_limit=self._soft_bounce_limit,
-                limit=self._batch,
+                limit=limit or self._batch,
                 now=datetime.now(UTC),
             )
         if decided is None:

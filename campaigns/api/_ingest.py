@@ -29,6 +29,19 @@ class Overloaded(Exception):
     """Too many events wait to be stored: answer 503 and let the provider retry."""
 
 
+class Unstorable(Exception):
+    """The database refuses this event's values (SQLSTATE class 22): answer 400, since a
+    retry cannot succeed. The other events of its batch are stored without it."""
+
+    def __init__(self, sqlstate: str | None) -> None:
+        super().__init__(f"the event holds a value the database cannot store ({sqlstate})")
+        self.sqlstate = sqlstate
+
+
+def _is_data_error(error: BaseException) -> bool:
+    return str(getattr(error, "sqlstate", "") or "").startswith("22")
+
+
 @dataclass
 class IngestStats:
     """Counters since the process started."""
@@ -121,7 +134,11 @@ class Ingester:
     async def _flush(self, batch: list[_Waiting]) -> None:
         try:
             new = await store.insert(self._pool, [w.event for w in batch])
-        except Exception as error:  # the database is unreachable: 503, the provider retries
+        except Exception as error:
+            if _is_data_error(error):
+                await self._store_one_by_one(batch)
+                return
+            # The database is unreachable: 503, the provider retries.
             self.stats.failed_commits += 1
             self._metrics.commit_failures.inc()
             log.warning(
@@ -134,6 +151,26 @@ class Ingester:
                 if not waiting.done.done():
                     waiting.done.set_exception(error)
             return
+        self._settle(batch, new)
+
+    async def _store_one_by_one(self, batch: list[_Waiting]) -> None:
+        """One event of ``batch`` broke the statement: store each alone, and refuse the
+        ones the database refuses."""
+        for waiting in batch:
+            try:
+                new = await store.insert(self._pool, [waiting.event])
+            except Exception as error:
+                self.stats.failed_commits += 1
+                if not waiting.done.done():
+                    waiting.done.set_exception(
+                        Unstorable(getattr(error, "sqlstate", None))
+                        if _is_data_error(error)
+                        else error
+                    )
+                continue
+            self._settle([waiting], new)
+
+    def _settle(self, batch: list[_Waiting], new: set[str]) -> None:
         self.stats.statements += 1
         seen: set[str] = set()
         stored_before = self.stats.stored

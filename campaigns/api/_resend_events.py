@@ -34,6 +34,9 @@ from campaigns.store.events import NewEvent
 MAX_WEBHOOK_BYTES = 256 * 1024
 """The largest event body accepted (the provider's are a few KiB)."""
 TOLERANCE = timedelta(minutes=5)
+OLDEST_EVENT = timedelta(days=30)
+"""An event's created_at may be at most this old (the provider retries for 3 days)."""
+MIN_KEY_BYTES = 24
 MAX_SIGNATURE_HEADER = 2048
 _SVIX_ID = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
 _EMAIL_ID = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
@@ -59,14 +62,16 @@ class SignatureCheck:
     def __init__(self, secret: str) -> None:
         """``secret`` is ``whsec_<base64>``; a malformed one raises ``ValueError``."""
         problem = "WEBHOOK_SECRET must be the provider's signing secret, whsec_<base64>"
+        if not secret.startswith("whsec_"):
+            raise ValueError(problem)
         try:
             reference = Webhook(secret)
             # The same decoding as svix's: the prefix dropped, padding forgiven.
             key = base64.b64decode(secret.removeprefix("whsec_") + "==")
         except Exception as error:
             raise ValueError(problem) from error
-        if not key:
-            raise ValueError(problem)
+        if len(key) < MIN_KEY_BYTES:
+            raise ValueError(f"{problem} (its key is under {MIN_KEY_BYTES} bytes)")
         self._keyed = hmac.new(key, digestmod=hashlib.sha256)
         probe = datetime(2026, 1, 1, tzinfo=UTC)
         expected = reference.sign("msg_probe", probe, "{}").split(",", 1)[1]
@@ -132,11 +137,15 @@ def _timestamp(value: Any, *, now: datetime) -> datetime:
         raise _field("bad_created_at", "created_at must be an ISO-8601 timestamp")
     try:
         at = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
+        at.astimezone(UTC)  # out of range once converted (year 1 at +14:00)
+    except (ValueError, OverflowError):
         raise _field("bad_created_at", "created_at must be an ISO-8601 timestamp") from None
     if at.tzinfo is None:
         at = at.replace(tzinfo=UTC)
-    # A clock ahead of ours must not make an event "first" for ever.
+    # The earliest time wins in the ledger: a date far in the past (or one the database
+    # cannot hold) would stand for ever. A clock a little ahead of ours is clamped.
+    if at < now - OLDEST_EVENT:
+        raise _field("bad_created_at", "created_at must be within the last 30 days")
     return min(at, now + TOLERANCE)
 
 
@@ -162,7 +171,7 @@ def parse(svix_id: str, body: bytes, *, now: datetime) -> NewEvent:
         if "created_at" in event:
             try:
                 at = _timestamp(event["created_at"], now=now)
-            except Refused:
+            except (Refused, OverflowError):
                 pass
         return NewEvent(svix_id, kind, None, None, at, payload, outcome="ignored")
     at = _timestamp(event.get("created_at"), now=now)

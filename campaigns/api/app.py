@@ -12,7 +12,9 @@ Routes:
   unsubscribe paths need to be reachable from the internet.
 
 Every request body is bounded (``BodyLimit``: 413 past the limit, whatever
-Content-Length says), and every error is JSON ``{"error": code, "message": text}``.
+Content-Length says) and so are the headers (431). Errors are JSON ``{"error": code,
+"message": text}``, but for the unsubscribe pages (HTML for people, see
+``unsubscribe.py``).
 """
 
 from __future__ import annotations
@@ -194,7 +196,10 @@ def _error_code(body: bytes) -> object:
 
 
 async def _not_found(request: Request, exc: Exception) -> Response:
-    return error(404, "not_found", f"no such endpoint: {request.method} {request.url.path}")
+    path = request.url.path
+    if path.startswith("/u/"):
+        path = "/u/…"  # the rest is a token: never echoed
+    return error(404, "not_found", f"no such endpoint: {request.method} {path[:200]}")
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -261,5 +266,6 @@ def create_app(settings: Settings, *, pool_size: int = 10) -> ASGIApp:
         lifespan=lifespan,
         exception_handlers={404: _not_found, HTTPException: _http_error, 500: _server_error},
     )
+    app.router.redirect_slashes = False  # a redirect would repeat a token in Location
     app.add_middleware(BodyLimit, limit=MAX_WEBHOOK_BYTES)
     return CountRefusals(WebhookFrontDoor(app), service_metrics)

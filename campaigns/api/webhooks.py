@@ -23,7 +23,7 @@ import orjson
 import structlog
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from campaigns.api._ingest import Ingester, Overloaded
+from campaigns.api._ingest import Ingester, Overloaded, Unstorable
 from campaigns.api._resend_events import MAX_WEBHOOK_BYTES, Refused, SignatureCheck, parse
 
 log = structlog.get_logger("api.webhooks")
@@ -81,6 +81,14 @@ async def _refuse(send: Send, status: int, code: str, message: str, **headers: s
     await _answer(send, status, body, *((k.encode(), v.encode()) for k, v in headers.items()))
 
 
+MAX_HEADER_BYTES = 16 * 1024
+"""All request headers together, on every endpoint of the service."""
+
+
+def _header_bytes(scope: Scope) -> int:
+    return sum(len(name) + len(value) for name, value in scope["headers"])
+
+
 class _TooLarge(Exception):
     pass
 
@@ -117,6 +125,16 @@ class WebhookFrontDoor:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Serve one request or lifespan event."""
+        if scope["type"] == "http" and _header_bytes(scope) > MAX_HEADER_BYTES:
+            # uvicorn's httptools parser sets no limit of its own; run the service
+            # behind a proxy that refuses such requests before they are read whole.
+            await _refuse(
+                send,
+                431,
+                "headers_too_large",
+                f"the request headers are over the limit of {MAX_HEADER_BYTES} bytes",
+            )
+            return
         if scope["type"] != "http" or scope["path"] != PATH:
             await self.app(scope, receive, send)
             return
@@ -164,6 +182,9 @@ class WebhookFrontDoor:
             return
         except TimeoutError:
             await _refuse(send, 503, "not_stored", "the event could not be stored in time; retry")
+            return
+        except Unstorable as exc:
+            await _refuse(send, 400, "unstorable_value", str(exc))
             return
         except Exception as exc:
             await _refuse(

@@ -106,6 +106,15 @@ UPDATE webhook_events w SET
 FROM unnest($1::bigint[], $2::text[], $3::float8[]) AS u(seq, outcome, retry_in)
 WHERE w.seq = u.seq
 """
+# The event ``apply`` would claim first, put off: what the rules could not take.
+_DEFER_FIRST_DUE = """
+UPDATE webhook_events SET next_try_at = now() + make_interval(secs => $1),
+                          attempts = attempts + 1
+WHERE seq = (SELECT seq FROM webhook_events
+             WHERE applied_at IS NULL AND next_try_at <= now()
+             ORDER BY next_try_at, seq LIMIT 1 FOR UPDATE SKIP LOCKED)
+RETURNING seq
+"""
 _BACKLOG = """SELECT count(*) FILTER (WHERE next_try_at <= now()) AS due,
                      count(*) AS waiting
               FROM webhook_events WHERE applied_at IS NULL"""
@@ -333,6 +342,12 @@ async def _write(conn: Connection, d: Decisions) -> None:
             [d.settled.get(seq) for seq in seqs],
             [d.retry_in.get(seq, 0.0) for seq in seqs],
         )
+
+
+async def defer_first_due(conn: Conn, *, seconds: float) -> int | None:
+    """Put off the event ``apply`` would claim first by ``seconds``; return its seq."""
+    seq = await conn.fetchval(_DEFER_FIRST_DUE, seconds)
+    return int(seq) if seq is not None else None
 
 
 @dataclass(frozen=True, slots=True)
