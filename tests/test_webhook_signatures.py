@@ -11,7 +11,6 @@ from svix.webhooks import Webhook
 from campaigns.api._resend_events import Refused, SignatureCheck
 from tests.api_support import WEBHOOK_SECRET, signed
 
-NOW = datetime.now(UTC)
 BODY = b'{"type":"email.delivered","data":{"email_id":"m1"}}'
 OTHER = "whsec_" + base64.b64encode(b"another key of thirty-two bytes!").decode()
 
@@ -33,6 +32,7 @@ def ours_accepts(body: bytes, headers: dict[str, str]) -> bool:
 
 
 def cases() -> dict[str, tuple[bytes, dict[str, str]]]:
+    now = datetime.now(UTC)  # at the test's run, not at collection
     good = signed(BODY, svix_id="msg_1")
     wrong = signed(BODY, svix_id="msg_1", secret=OTHER)
     sig = good["svix-signature"]
@@ -50,8 +50,8 @@ def cases() -> dict[str, tuple[bytes, dict[str, str]]]:
             BODY,
             {**good, "svix-timestamp": str(int(good["svix-timestamp"]) + 1)},
         ),
-        "stale": (BODY, signed(BODY, svix_id="msg_1", timestamp=NOW - timedelta(minutes=6))),
-        "ahead": (BODY, signed(BODY, svix_id="msg_1", timestamp=NOW + timedelta(minutes=6))),
+        "stale": (BODY, signed(BODY, svix_id="msg_1", timestamp=now - timedelta(minutes=6))),
+        "ahead": (BODY, signed(BODY, svix_id="msg_1", timestamp=now + timedelta(minutes=6))),
         "truncated signature": (BODY, {**good, "svix-signature": sig[:-4]}),
         "empty signature": (BODY, {**good, "svix-signature": "v1,"}),
     }
