@@ -48,8 +48,8 @@ from tests.helpers import (
     make_org,
     make_spec,
 )
-from tests.test_cli import cli_env, run
 from tests.test_cli import campaigns as campaigns_cli
+from tests.test_cli import cli_env, run
 from workflows import CampaignWorkflow
 from workflows._priority import task_priority
 
