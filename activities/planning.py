@@ -37,7 +37,7 @@ from campaigns.spec_check import (
     resolve_templates,
 )
 from campaigns.store import campaigns as campaign_rows
-from campaigns.store import ledger
+from campaigns.store import ledger, orgs
 from campaigns.store._pool import Conn
 from campaigns.store.templates import store_templates
 
@@ -125,7 +125,8 @@ class PlanningActivities:
         ``request`` is the spec, its templates inline or by reference, or a pointer to
         the workflow's own input when that holds the templates inline (so they are not
         repeated in history). The templates are stored by digest, the whole spec in
-        ``campaigns``, and the campaign id is bound to this workflow.
+        ``campaigns``, and the campaign id is bound to this workflow. The plan carries
+        the org's fairness weight, which the workflow schedules its activities with.
 
         Raises:
             ApplicationError: non-retryable ``InvalidCampaignSpec`` naming the bad fields.
@@ -137,6 +138,9 @@ class PlanningActivities:
                 templates = await resolve_templates(conn, spec)
                 full = spec.with_templates(templates)
                 plan = await check_against_database(conn, full, workflow_id=workflow_id)
+                weight = await orgs.fairness_weight(conn, spec.org)
+                if weight is not None:  # the org exists: check_against_database said so
+                    plan = plan.model_copy(update={"fairness_weight": weight})
                 if spec.templates() is not None:  # by reference, they are stored already
                     await store_templates(conn, spec.org, templates)
                 saved = await campaign_rows.save(

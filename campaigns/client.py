@@ -42,6 +42,7 @@ from campaigns.models import (
     CampaignSpec,
     CampaignState,
     CampaignStatus,
+    priority_problem,
     rate_problem,
 )
 from campaigns.settings import Settings
@@ -327,6 +328,21 @@ class CampaignClient:
         if problem:
             raise ControlRefused(problem)
         return await self._control(workflow_id, CampaignWorkflow.set_rate, rate_per_second)
+
+    async def set_priority(self, workflow_id: str, priority: int) -> CampaignStatus:
+        """Change the campaign's priority, 1 (highest) to 5 (lowest).
+
+        Batches scheduled from now on carry the new priority; those already queued
+        keep theirs.
+
+        Raises:
+            ControlRefused: the priority is out of range (checked here too, before any
+                call), or the campaign has finished.
+        """
+        problem = priority_problem(priority)
+        if problem:
+            raise ControlRefused(problem)
+        return await self._control(workflow_id, CampaignWorkflow.set_priority, priority)
 
     async def reschedule(self, workflow_id: str, send_at: datetime) -> CampaignStatus:
         """Move the start of a campaign that is still waiting for its send time."""

@@ -95,6 +95,54 @@ TemplateDigest = Annotated[
 SendRate = Annotated[float, Field(gt=0, le=MAX_RATE_PER_SECOND, allow_inf_nan=False)]
 """An emails-per-second limit: finite, positive, at most ``MAX_RATE_PER_SECOND``."""
 
+HIGHEST_PRIORITY = 1
+LOWEST_PRIORITY = 5
+"""Temporal's default range of ``Priority.priority_key``: 1 runs first, 5 last."""
+DEFAULT_PRIORITY = 3
+"""Temporal's own default, the middle of the range: what a spec without one gets."""
+MIN_FAIRNESS_WEIGHT = 0.001
+MAX_FAIRNESS_WEIGHT = 1000.0
+"""Temporal's range of ``Priority.fairness_weight``; the server clamps anything outside."""
+DEFAULT_FAIRNESS_WEIGHT = 1.0
+"""An org's share of task dispatch unless given another (Temporal's default too)."""
+
+
+PRIORITY_RANGE = (
+    f"a whole number between {HIGHEST_PRIORITY} (highest) and {LOWEST_PRIORITY} (lowest)"
+)
+FAIRNESS_WEIGHT_RANGE = (
+    f"a finite number between {MIN_FAIRNESS_WEIGHT:g} and {MAX_FAIRNESS_WEIGHT:g} "
+    "(Temporal's range)"
+)
+
+
+def is_priority(value: object) -> bool:
+    """Whether ``value`` is a campaign priority: an int (not a bool) from 1 to 5."""
+    return (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and HIGHEST_PRIORITY <= value <= LOWEST_PRIORITY
+    )
+
+
+def priority_problem(priority: object) -> str | None:
+    """Why ``priority`` is not a campaign priority, naming the range; None if it is one."""
+    if is_priority(priority):
+        return None
+    return f"priority must be {PRIORITY_RANGE} (got {str(priority)[:40]!r})"
+
+
+def fairness_weight_problem(weight: object) -> str | None:
+    """Why ``weight`` is not an org's fairness weight, naming the range; None if it is one."""
+    if (
+        isinstance(weight, int | float)
+        and not isinstance(weight, bool)
+        and math.isfinite(weight)
+        and MIN_FAIRNESS_WEIGHT <= weight <= MAX_FAIRNESS_WEIGHT
+    ):
+        return None
+    return f"fairness weight must be {FAIRNESS_WEIGHT_RANGE} (got {str(weight)[:40]!r})"
+
 
 def rate_problem(rate: float | None) -> str | None:
     """Why ``rate`` is not a valid send rate limit (None lifts the limit), or None."""
@@ -293,6 +341,20 @@ class CampaignSpec(_Model):
         default_factory=ReputationLimits,
         description="Complaint and hard-bounce rates past which the campaign pauses itself.",
     )
+    priority: int = Field(
+        default=DEFAULT_PRIORITY,
+        description=f"{HIGHEST_PRIORITY} (highest) to {LOWEST_PRIORITY} (lowest): the order in "
+        "which the task queue dispatches this campaign's activities against other campaigns'.",
+    )
+
+    @field_validator("priority", mode="before")
+    @classmethod
+    def _priority_in_range(cls, value: object) -> object:
+        # Before pydantic's own check, so that "2", 2.0 or true (mistakes to name, not
+        # priorities to guess) are refused with the range rather than coerced.
+        if not is_priority(value):
+            raise ValueError(f"must be {PRIORITY_RANGE}")
+        return value
 
     @field_validator("audience")
     @classmethod
@@ -399,6 +461,10 @@ class CampaignPlan(_Model):
     total_recipients: int
     template_digest: TemplateDigest | None = Field(
         default=None, description="The stored templates; later runs carry only this."
+    )
+    fairness_weight: float = Field(
+        default=DEFAULT_FAIRNESS_WEIGHT,
+        description="The org's fairness weight when the campaign was prepared (older runs: 1).",
     )
 
 
@@ -668,6 +734,10 @@ class CampaignControls(BaseModel):
     window: int
     rate_per_second: float | None = None
     send_at: datetime | None = None
+    priority: int = Field(
+        default=DEFAULT_PRIORITY,
+        description="The priority the campaign's next activities are scheduled with.",
+    )
     pause_reason: str | None = Field(
         default=None,
         description="Why the campaign paused itself (a reputation threshold, in counts and "

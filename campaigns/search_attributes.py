@@ -1,5 +1,6 @@
 """Search attributes the campaign workflow publishes, so Temporal's list filters and the
-Web UI can find campaigns by state, org and progress."""
+Web UI can find campaigns by state, org and progress; and the dynamic config a
+development server needs for the campaigns' task-queue priority and fairness."""
 
 from temporalio.common import SearchAttributeKey
 
@@ -18,3 +19,14 @@ def cli_flags() -> list[str]:
         kind = key.indexed_value_type.name.removeprefix("INDEXED_VALUE_TYPE_").title()
         flags.append(f"--search-attribute={key.name}={kind}")
     return flags
+
+
+DYNAMIC_CONFIG = {"matching.enableFairness": "true"}
+"""Server settings (values in JSON) the product relies on: fairness among orgs' activity
+tasks is off in a default server, which then applies priorities only. docker-compose's
+dynamic config file sets the same keys."""
+
+
+def dynamic_config_flags() -> list[str]:
+    """``--dynamic-config-value KEY=VALUE`` flags for ``temporal server start-dev``."""
+    return [f"--dynamic-config-value={key}={value}" for key, value in DYNAMIC_CONFIG.items()]

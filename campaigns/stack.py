@@ -42,7 +42,7 @@ from temporalio.client import Client
 from campaigns import store
 from campaigns.binaries import temporal_cli
 from campaigns.schedules import apply_refresh_schedule
-from campaigns.search_attributes import cli_flags
+from campaigns.search_attributes import cli_flags, dynamic_config_flags
 from campaigns.settings import STACK_ENV_FILE_NAME, STACK_FILE_NAME
 
 log = structlog.get_logger("stack")
@@ -441,6 +441,7 @@ class LocalStack:
                 "--log-level",
                 "warn",
                 *cli_flags(),
+                *dynamic_config_flags(),
             ],
             base_env,
         )

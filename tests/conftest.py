@@ -133,6 +133,7 @@ async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
         dev_server_existing_path=temporal_cli(),
         search_attributes=sa.ALL,
         data_converter=pydantic_data_converter,
+        dev_server_extra_args=sa.dynamic_config_flags(),  # the stack's fairness
     )
     yield env
     await env.shutdown()

@@ -9,12 +9,17 @@ the last round is abandoned. A run continues as new after ``batches_per_run``
 batches (or when Temporal suggests it), so history stays small at any audience size.
 
 Operators steer a running campaign with updates (pause, resume, cancel, window, rate,
-reschedule); each has a validator, so a refused action is refused at once with the
+priority, reschedule); each has a validator, so a refused action is refused at once with the
 reason, and nothing is written to history.
 
 While a pass sends, a reputation watch reads the campaign's engagement counters every
 ``reputation.check_interval_seconds`` and pauses the campaign, saying why, when its
 complaint or hard-bounce rate reaches the spec's limit (see ``_watch_reputation``).
+
+Every activity of the campaign is scheduled with a task-queue ``Priority``: the
+campaign's current priority, its org as the fairness key and the org's fairness weight
+(see ``workflows._priority``), so a backlogged queue serves priority 1 first and shares
+each priority level among orgs by weight.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
 
+from workflows._priority import task_priority
 from workflows._progress import RateWindow, details_text, eta_seconds, paced_start
 from workflows._reputation import verdict
 
@@ -51,6 +57,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from campaigns.models import (
         CAMPAIGN_ID_PATTERN,
+        DEFAULT_PRIORITY,
         MAX_WINDOW,
         AbandonFailedInput,
         BatchOutcome,
@@ -69,6 +76,7 @@ with workflow.unsafe.imports_passed_through():
         SendBatchInput,
         SpecInWorkflowInput,
         is_valid_org_id,
+        priority_problem,
         rate_problem,
         send_at_ahead_problem,
     )
@@ -116,6 +124,7 @@ PATCH_TEMPLATES_BY_REFERENCE = "templates-by-reference"
 PATCH_REFUSE_CLIENT_CARRIED_STATE = "refuse-client-carried-state"
 PATCH_REFUSE_FAR_SEND_AT = "refuse-far-send-at"
 PATCH_REPUTATION_WATCH = "reputation-watch"
+PATCH_TASK_PRIORITY = "task-priority-and-fairness"
 
 
 class CampaignFailed(Exception):
@@ -191,7 +200,10 @@ class CampaignWorkflow:
                     SpecInWorkflowInput() if by_reference and spec.templates() else spec
                 )
                 plan: CampaignPlan = await workflow.execute_activity(
-                    PREPARE_CAMPAIGN, prepare_input, result_type=CampaignPlan, **DATABASE_STEP
+                    PREPARE_CAMPAIGN,
+                    prepare_input,
+                    result_type=CampaignPlan,
+                    **self._step(DATABASE_STEP, spec.org, None),
                 )
                 if by_reference and plan.template_digest and spec.templates():
                     spec = spec.by_reference(plan.template_digest)  # for later runs' input
@@ -305,7 +317,7 @@ class CampaignWorkflow:
                 ABANDON_FAILED,
                 AbandonFailedInput(campaign_id=spec.campaign_id, org=spec.org),
                 result_type=int,
-                **DATABASE_STEP,
+                **self._step(DATABASE_STEP, spec.org, carried.plan.fairness_weight),
             )
             status.counts.failed = 0
         return self._finish(CampaignState.COMPLETED)
@@ -328,7 +340,7 @@ class CampaignWorkflow:
         check_due = self._next_reputation_check(spec)
         while True:
             if check_due is not None and check_due.done() and self._may_check(failure):
-                await self._watch_reputation(spec)
+                await self._watch_reputation(spec, carried)
                 check_due = self._next_reputation_check(spec)
             out_of_budget = self._out_of_budget(spec, started_here)
             wake_in: float | None = None
@@ -352,7 +364,9 @@ class CampaignWorkflow:
                             max_batches=max(2 * controls.window, 4),
                         ),
                         result_type=list[BatchRange],
-                        **DATABASE_STEP,
+                        # The campaign's priority here too: a priority-1 campaign's
+                        # planning must not wait behind a priority-3 backlog.
+                        **self._step(DATABASE_STEP, spec.org, carried.plan.fairness_weight),
                     )
                     ranges.extend(page)
                     exhausted = not page
@@ -422,7 +436,7 @@ class CampaignWorkflow:
             and self._status.state is CampaignState.RUNNING
         )
 
-    async def _watch_reputation(self, spec: CampaignSpec) -> None:
+    async def _watch_reputation(self, spec: CampaignSpec, carried: CarriedState) -> None:
         """Read the campaign's engagement counters and pause it if a rate is too high.
 
         The verdict (``workflows._reputation.verdict``) judges the counts since the
@@ -437,7 +451,7 @@ class CampaignWorkflow:
             READ_ENGAGEMENT,
             ReadEngagementInput(campaign_id=spec.campaign_id, org=spec.org),
             result_type=ReputationCounts,
-            **self._reputation_step(),
+            **self._step(self._reputation_step(), spec.org, carried.plan.fairness_weight),
         )
         self._reputation.last = counts
         reason = verdict(spec.reputation, counts, self._reputation.baseline)
@@ -484,7 +498,11 @@ class CampaignWorkflow:
                     SEND_BATCH,
                     batch,
                     result_type=BatchOutcome,
-                    **self._batch_step(carried, batch_range),
+                    **self._step(
+                        self._batch_step(carried, batch_range),
+                        spec.org,
+                        carried.plan.fairness_weight,
+                    ),
                 )
             )
         )
@@ -499,6 +517,23 @@ class CampaignWorkflow:
             f"{batch_range.after_id + 1}..{batch_range.last_id}",
         }
         return step
+
+    def _step(
+        self, step: workflow.ActivityConfig, org: str, weight: float | None
+    ) -> workflow.ActivityConfig:
+        """``step`` with the campaign's task-queue priority and its org's fairness.
+
+        The priority is read when the activity is scheduled: a change applies to the
+        activities scheduled after it, not to those already waiting in the queue. Runs
+        that started before priorities existed schedule as they did.
+        """
+        if not workflow.patched(PATCH_TASK_PRIORITY):
+            return step
+        prioritized: workflow.ActivityConfig = {
+            **step,
+            "priority": task_priority(self._controls.priority, org, weight),
+        }
+        return prioritized
 
     def _woken_since(self, seen: int) -> Callable[[], bool]:
         """A wait condition: a control changed since wake count ``seen``."""
@@ -701,6 +736,25 @@ class CampaignWorkflow:
             raise _refuse(problem)
 
     @workflow.update
+    def set_priority(self, priority: object) -> CampaignStatus:
+        """Change the campaign's priority: 1 (highest) to 5 (lowest).
+
+        Batches scheduled from now on carry it; those already queued keep theirs, so
+        it takes effect within one window of batches.
+        """
+        assert isinstance(priority, int)  # the validator refused anything else
+        self._controls.priority = priority
+        return self._changed()
+
+    @set_priority.validator
+    def _validate_set_priority(self, priority: object) -> None:
+        # Typed ``object``: "2", 2.0 or true must be refused, not coerced to 2 or 1.
+        self._refuse_if_finished("change the priority")
+        problem = priority_problem(priority)
+        if problem:
+            raise _refuse(problem)
+
+    @workflow.update
     def reschedule(self, send_at: datetime) -> CampaignStatus:
         """Move the scheduled start of a campaign that is still waiting for it."""
         self._controls.send_at = send_at
@@ -738,6 +792,7 @@ def _new_status(request: CampaignInput) -> CampaignStatus:
             window=request.window,
             rate_per_second=request.rate_per_second,
             send_at=request.send_at,
+            priority=request.priority,
         ),
     )
 
@@ -794,6 +849,7 @@ def _placeholder(request: Any) -> CampaignInput:
         rate_per_second=None,
         send_at=None,
         max_lateness_seconds=0,
+        priority=DEFAULT_PRIORITY,
         carried=None,
     )
 

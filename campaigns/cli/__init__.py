@@ -24,6 +24,7 @@ from campaigns.cli._campaign import (
     cmd_cancel,
     cmd_list,
     cmd_pause,
+    cmd_priority,
     cmd_reschedule,
     cmd_resume,
     cmd_retry_failed,
@@ -40,13 +41,25 @@ from campaigns.cli._data import (
     cmd_org_add,
     cmd_org_flag,
     cmd_org_list,
+    cmd_org_set,
     cmd_suppress,
 )
 from campaigns.cli._progress import literal
 from campaigns.cli._report import campaign_id_arg, cmd_report
 from campaigns.cli._stack import cmd_demo, cmd_stack_down, cmd_stack_status, cmd_stack_up
 from campaigns.client import CampaignAlreadyRunning, CampaignNotFound, ControlRefused
-from campaigns.models import MAX_AUDIENCE_NAME, MAX_RATE_PER_SECOND, MAX_WINDOW, CampaignState
+from campaigns.models import (
+    FAIRNESS_WEIGHT_RANGE,
+    HIGHEST_PRIORITY,
+    LOWEST_PRIORITY,
+    MAX_AUDIENCE_NAME,
+    MAX_RATE_PER_SECOND,
+    MAX_WINDOW,
+    PRIORITY_RANGE,
+    CampaignState,
+    fairness_weight_problem,
+    priority_problem,
+)
 from campaigns.safe_text import control_character_problem
 from campaigns.settings import Settings
 from campaigns.spec_check import InvalidSpec
@@ -75,6 +88,11 @@ left-out line was too long to be read, since its address is unknown.
 FLAG_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
 """Feature flag names: a lowercase letter, then lowercase letters, digits or '_'; at most 64."""
 MAX_LIMIT = 10_000
+FAIRNESS_WEIGHT_HELP = (
+    "the org's share of the workers among orgs sending at the same priority "
+    "(default 1; 0.001 to 1000): weight 2 gets twice the batches of weight 1; "
+    "applies to campaigns started afterwards"
+)
 
 
 # Argument checks. Each returns the value or raises ArgumentTypeError; argparse then
@@ -149,6 +167,29 @@ def rate_arg(value: str) -> float:
     return rate
 
 
+def priority_arg(value: str) -> int:
+    """``priority ID N``: a whole number from 1 (highest) to 5 (lowest)."""
+    try:
+        priority: object = int(value)
+    except ValueError:
+        priority = value
+    if priority_problem(priority) is not None:
+        raise argparse.ArgumentTypeError(f"{_shown(value)} is not {PRIORITY_RANGE}")
+    assert isinstance(priority, int)
+    return priority
+
+
+def fairness_weight_arg(value: str) -> float:
+    """``--fairness-weight``: the org's share within a priority, in Temporal's range."""
+    try:
+        weight = float(value)
+    except ValueError:
+        weight = math.nan
+    if fairness_weight_problem(weight) is not None:
+        raise argparse.ArgumentTypeError(f"{_shown(value)} is not {FAIRNESS_WEIGHT_RANGE}")
+    return weight
+
+
 def _int_in(low: int, high: int) -> Callable[[str], int]:
     def check(value: str) -> int:
         try:
@@ -215,6 +256,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub.add_argument("--rate", type=rate_arg, help="emails per second at most (greater than 0)")
     sub.add_argument("--no-rate", action="store_true", help="remove the rate limit")
+    sub = add(
+        "priority",
+        cmd_priority,
+        f"change a campaign's priority, {HIGHEST_PRIORITY} (highest) to {LOWEST_PRIORITY} "
+        "(lowest), for the batches it schedules next",
+    )
+    sub.add_argument("workflow_id", metavar="ID")
+    sub.add_argument("priority", metavar="N", type=priority_arg)
     sub = add("reschedule", cmd_reschedule, "move the start of a scheduled campaign")
     sub.add_argument("workflow_id", metavar="ID")
     sub.add_argument("--at", required=True, help="ISO 8601 with timezone")
@@ -243,6 +292,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub.add_argument(
         "--verified-domain", type=domain_arg, help="the org's own verified sending domain"
+    )
+    sub.add_argument("--fairness-weight", type=fairness_weight_arg, help=FAIRNESS_WEIGHT_HELP)
+    sub = add("set", cmd_org_set, "change an existing org's settings", group)
+    sub.add_argument("org_id", metavar="ORG", type=org_id_arg)
+    sub.add_argument(
+        "--fairness-weight", type=fairness_weight_arg, required=True, help=FAIRNESS_WEIGHT_HELP
     )
     sub = add("flag", cmd_org_flag, "set an org's feature flag", group)
     sub.add_argument("org_id", metavar="ORG", type=org_id_arg)

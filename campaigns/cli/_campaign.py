@@ -173,6 +173,21 @@ async def cmd_throttle(args: Namespace, settings: Settings, console: Console) ->
     return 0
 
 
+async def cmd_priority(args: Namespace, settings: Settings, console: Console) -> int:
+    """``campaigns priority ID N``: 1 (highest) to 5 (lowest), for batches scheduled next."""
+    client = await CampaignClient.connect(settings)
+    status = await client.set_priority(args.workflow_id, args.priority)
+    assert status.controls is not None
+    console.print(
+        Text.assemble(
+            "campaign ",
+            literal(status.campaign_id, "bold"),
+            f": priority {status.controls.priority} (batches scheduled from now on)",
+        )
+    )
+    return 0
+
+
 async def cmd_reschedule(args: Namespace, settings: Settings, console: Console) -> int:
     """``campaigns reschedule ID --at 2026-12-01T09:00:00+00:00``."""
     try:

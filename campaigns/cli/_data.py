@@ -36,13 +36,38 @@ async def cmd_migrate(args: Namespace, settings: Settings, console: Console) -> 
 
 
 async def cmd_org_add(args: Namespace, settings: Settings, console: Console) -> int:
-    """``campaigns org add ID [--name NAME] [--verified-domain DOMAIN]`` (idempotent)."""
+    """``campaigns org add ID [--name NAME] [--verified-domain DOMAIN] [--fairness-weight W]``
+    (idempotent)."""
     conn = await store.connect(settings.require_database_url())
     try:
-        await orgs.upsert(conn, args.org_id, name=args.name, verified_domain=args.verified_domain)
+        await orgs.upsert(
+            conn,
+            args.org_id,
+            name=args.name,
+            verified_domain=args.verified_domain,
+            fairness_weight=args.fairness_weight,
+        )
     finally:
         await conn.close()
     console.print(Text.assemble("org ", literal(args.org_id, "bold"), " ready"))
+    return 0
+
+
+async def cmd_org_set(args: Namespace, settings: Settings, console: Console) -> int:
+    """``campaigns org set ORG --fairness-weight W``: for campaigns started afterwards."""
+    conn = await store.connect(settings.require_database_url())
+    try:
+        if not await orgs.set_fairness_weight(conn, args.org_id, args.fairness_weight):
+            raise CommandError(f"unknown org '{args.org_id}' (add it with `campaigns org add`)", 2)
+    finally:
+        await conn.close()
+    console.print(
+        Text.assemble(
+            "org ",
+            literal(args.org_id, "bold"),
+            f": fairness weight {args.fairness_weight:g} (campaigns started from now on)",
+        )
+    )
     return 0
 
 
@@ -68,10 +93,12 @@ async def cmd_org_list(args: Namespace, settings: Settings, console: Console) ->
         rows = await orgs.list_all(conn)
     finally:
         await conn.close()
-    table = Table("org", "name", "audiences")
+    table = Table("org", "name", "audiences", "fairness weight")
     for org in rows:
         # rows written by SQL or older versions may hold anything, markup included
-        table.add_row(literal(org.id), literal(org.name), str(org.audiences))
+        table.add_row(
+            literal(org.id), literal(org.name), str(org.audiences), f"{org.fairness_weight:g}"
+        )
     console.print(table)
     return 0
 

@@ -69,7 +69,7 @@ def status_line(status: CampaignStatus) -> Text:
     controls = status.controls
     if controls is not None:
         rate = f"{controls.rate_per_second:,.0f}/s" if controls.rate_per_second else "none"
-        line.append(f"\nwindow {controls.window}  rate limit {rate}")
+        line.append(f"\npriority {controls.priority}  window {controls.window}  rate limit {rate}")
         if controls.paused:
             line.append("  PAUSED", style="bold yellow")
             line.append_text(literal(f" ({pause_reason(status)})", "yellow"))

@@ -1,4 +1,4 @@
-"""Orgs, their feature flags and their suppression lists."""
+"""Orgs, their feature flags, fairness weights and suppression lists."""
 
 from __future__ import annotations
 
@@ -8,15 +8,19 @@ from dataclasses import dataclass
 from campaigns.store._pool import Conn
 
 _EXISTS = "SELECT id FROM orgs WHERE id = $1"
-_UPSERT = """INSERT INTO orgs (id, name, verified_domain) VALUES ($1, $2, $3)
+_UPSERT = """INSERT INTO orgs (id, name, verified_domain, fairness_weight)
+                   VALUES ($1, $2, $3, coalesce($5, 1))
                ON CONFLICT (id) DO UPDATE SET
                    name = coalesce($4, orgs.name),
-                   verified_domain = coalesce(EXCLUDED.verified_domain, orgs.verified_domain)"""
+                   verified_domain = coalesce(EXCLUDED.verified_domain, orgs.verified_domain),
+                   fairness_weight = coalesce($5, orgs.fairness_weight)"""
+_FAIRNESS_WEIGHT = "SELECT fairness_weight FROM orgs WHERE id = $1"
+_SET_FAIRNESS_WEIGHT = "UPDATE orgs SET fairness_weight = $2 WHERE id = $1 RETURNING id"
 _ADD_IF_MISSING = "INSERT INTO orgs (id, name) VALUES ($1, $2) ON CONFLICT DO NOTHING"
 _SET_FLAG = """INSERT INTO org_feature_flags (org_id, flag, state) VALUES ($1, $2, $3)
                ON CONFLICT (org_id, flag)
                DO UPDATE SET state = EXCLUDED.state, updated_at = now()"""
-_LIST = """SELECT o.id, o.name, count(a.id) AS audiences FROM orgs o
+_LIST = """SELECT o.id, o.name, o.fairness_weight, count(a.id) AS audiences FROM orgs o
                LEFT JOIN audiences a ON a.org_id = o.id GROUP BY o.id ORDER BY o.id"""
 _SUPPRESS = """INSERT INTO suppressions (org_id, email, reason) VALUES ($1, $2, $3)
                ON CONFLICT (org_id, email) DO UPDATE SET reason = EXCLUDED.reason"""
@@ -33,6 +37,7 @@ class OrgSummary:
     id: str
     name: str
     audiences: int
+    fairness_weight: float = 1.0
 
 
 async def exists(conn: Conn, org: str) -> bool:
@@ -40,12 +45,31 @@ async def exists(conn: Conn, org: str) -> bool:
     return await conn.fetchval(_EXISTS, org) is not None
 
 
-async def upsert(conn: Conn, org: str, *, name: str | None, verified_domain: str | None) -> None:
-    """Create the org, or update it; a None name or domain keeps what it had.
+async def upsert(
+    conn: Conn,
+    org: str,
+    *,
+    name: str | None,
+    verified_domain: str | None,
+    fairness_weight: float | None = None,
+) -> None:
+    """Create the org, or update it; a None name, domain or weight keeps what it had.
 
-    A new org without a name is named after its id.
+    A new org without a name is named after its id, without a weight weighs 1.
+    The weight's range (``campaigns.models.fairness_weight_problem``) is also a CHECK.
     """
-    await conn.execute(_UPSERT, org, name or org, verified_domain, name)
+    await conn.execute(_UPSERT, org, name or org, verified_domain, name, fairness_weight)
+
+
+async def fairness_weight(conn: Conn, org: str) -> float | None:
+    """The org's fairness weight, or None if there is no such org."""
+    value: float | None = await conn.fetchval(_FAIRNESS_WEIGHT, org)
+    return value
+
+
+async def set_fairness_weight(conn: Conn, org: str, weight: float) -> bool:
+    """Set the org's fairness weight; False, writing nothing, if there is no such org."""
+    return await conn.fetchval(_SET_FAIRNESS_WEIGHT, org, weight) is not None
 
 
 async def add_if_missing(conn: Conn, org: str, name: str) -> None:
@@ -60,7 +84,10 @@ async def set_flag(conn: Conn, org: str, flag: str, state: str) -> None:
 
 async def list_all(conn: Conn) -> list[OrgSummary]:
     """Every org, by id, with its number of audiences."""
-    return [OrgSummary(row["id"], row["name"], row["audiences"]) for row in await conn.fetch(_LIST)]
+    return [
+        OrgSummary(row["id"], row["name"], row["audiences"], row["fairness_weight"])
+        for row in await conn.fetch(_LIST)
+    ]
 
 
 async def suppress(
