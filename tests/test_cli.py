@@ -253,7 +253,7 @@ async def test_controls_and_status_through_the_official_temporal_cli(
     status = json.loads((await temporal("query", "--name", "status")).stdout)
     assert status["queryResult"][0]["controls"] == {
         "paused": True, "cancel_requested": False, "window": 3,
-        "rate_per_second": None, "send_at": None, "pause_reason": None,
+        "rate_per_second": None, "send_at": None, "pause_reason": None, "priority": 3,
     }  # fmt: skip
     await temporal("update", "execute", "--name", "resume")
 

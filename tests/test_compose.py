@@ -604,3 +604,24 @@ def test_dashboard_query_check_has_teeth() -> None:
 
     known = metrics.exported_names() | metrics.SDK_SERIES
     assert not set(METRIC_NAME.findall("rate(campaigns_emails_sent_total[1m])")) <= known
+
+
+def test_temporal_runs_with_the_dynamic_config_the_campaigns_need(
+    compose: dict[str, Any],
+) -> None:
+    import yaml
+
+    from campaigns.search_attributes import dynamic_config_flags
+
+    temporal = services(compose)["temporal"]
+    [mount] = [v for v in temporal["volumes"] if "dynamicconfig" in str(v)]
+    source, target = str(mount).split(":")[:2]
+    assert (ROOT / source).is_file()
+    assert target == "/etc/temporal/" + environment(temporal)["DYNAMIC_CONFIG_FILE_PATH"]
+    config = yaml.safe_load((ROOT / source).read_text())
+    # The same values the local stack and the tests pass to the dev server.
+    flags = dynamic_config_flags()
+    for flag in flags:
+        name, value = flag.removeprefix("--dynamic-config-value=").split("=", 1)
+        assert config[name][0]["value"] == yaml.safe_load(value), name
+    assert config["matching.enableFairness"][0]["value"] is True
