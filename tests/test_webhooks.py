@@ -392,6 +392,28 @@ async def test_events_out_of_order_end_in_the_right_state(
     assert (await suppressions(pool, org))[bounced_then_delivered][0] == "bounced"
 
 
+async def record_sent(pool: asyncpg.Pool, org: str, campaign_id: str, message_id: str) -> None:
+    """Record, as a batch would, that the org's one recipient was sent ``message_id``."""
+    audience_id, recipient_id = await pool.fetchrow(
+        """SELECT a.id, r.id FROM audiences a JOIN recipients r ON r.audience_id = a.id
+           WHERE a.org_id = $1""",
+        org,
+    )
+    await pool.execute(
+        "INSERT INTO campaigns (id, org_id, audience_id, spec) VALUES ($1, $2, $3, '{}')",
+        campaign_id,
+        org,
+        audience_id,
+    )
+    await pool.execute(
+        """INSERT INTO deliveries (campaign_id, recipient_id, status, execution_id, round,
+                                   provider_message_id) VALUES ($1, $2, 'sent', 'e', 0, $3)""",
+        campaign_id,
+        recipient_id,
+        message_id,
+    )
+
+
 async def test_an_event_for_a_message_not_recorded_yet_waits_then_applies(
     api: httpx.AsyncClient, pool: asyncpg.Pool, tmp_path: Path
 ) -> None:
@@ -412,24 +434,7 @@ async def test_an_event_for_a_message_not_recorded_yet_waits_then_applies(
     assert ready["applied"]["waiting_for_their_message"] >= 1
     assert ready["events_waiting_to_apply"]["waiting"] >= 1
     # The batch that sent it records now.
-    audience_id, recipient_id = await pool.fetchrow(
-        """SELECT a.id, r.id FROM audiences a JOIN recipients r ON r.audience_id = a.id
-           WHERE a.org_id = $1""",
-        org,
-    )
-    await pool.execute(
-        "INSERT INTO campaigns (id, org_id, audience_id, spec) VALUES ($1, $2, $3, '{}')",
-        campaign_id,
-        org,
-        audience_id,
-    )
-    await pool.execute(
-        """INSERT INTO deliveries (campaign_id, recipient_id, status, execution_id, round,
-                                   provider_message_id) VALUES ($1, $2, 'sent', 'e', 0, $3)""",
-        campaign_id,
-        recipient_id,
-        message_id,
-    )
+    await record_sent(pool, org, campaign_id, message_id)
     applied = await eventually(
         lambda: stored(pool, svix_id),
         lambda rows: rows[0]["outcome"] == "applied",
@@ -484,25 +489,8 @@ async def test_an_event_the_rules_cannot_take_is_set_aside_and_the_rest_applied(
     )
     org = await make_org(pool)
     audience, _ = await make_audience(pool, tmp_path, org, ["after@example.com"])
-    audience_id, recipient_id = await pool.fetchrow(
-        "SELECT a.id, r.id FROM audiences a JOIN recipients r ON r.audience_id = a.id "
-        "WHERE a.org_id = $1",
-        org,
-    )
-    campaign_id, message_id = unique("camp"), unique("m")
-    await pool.execute(
-        "INSERT INTO campaigns (id, org_id, audience_id, spec) VALUES ($1, $2, $3, '{}')",
-        campaign_id,
-        org,
-        audience_id,
-    )
-    await pool.execute(
-        """INSERT INTO deliveries (campaign_id, recipient_id, status, execution_id, round,
-                                   provider_message_id) VALUES ($1, $2, 'sent', 'e', 0, $3)""",
-        campaign_id,
-        recipient_id,
-        message_id,
-    )
+    campaign_id = unique("camp")
+    await record_sent(pool, org, campaign_id, unique("m"))
     # Its message was opened before: comparing the two times fails, even alone.
     await pool.execute(
         "UPDATE deliveries SET provider_message_id = 'm-poison', opened_at = now() "
