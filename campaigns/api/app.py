@@ -25,7 +25,6 @@ from collections.abc import AsyncIterator
 from dataclasses import asdict
 from typing import Any
 
-import orjson
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
@@ -40,7 +39,6 @@ from campaigns.api._applier import Applier
 from campaigns.api._ingest import Ingester
 from campaigns.api._resend_events import MAX_WEBHOOK_BYTES, SignatureCheck
 from campaigns.api.unsubscribe import ROUTES as unsubscribe_routes
-from campaigns.api.webhooks import PATH as WEBHOOK_PATH
 from campaigns.api.webhooks import WebhookFrontDoor
 from campaigns.metrics import ServiceMetrics
 from campaigns.settings import Settings
@@ -156,45 +154,6 @@ async def metrics_endpoint(request: Request) -> Response:
     return Response(generate_latest(service.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-class CountRefusals:
-    """ASGI wrapper: counts the webhook endpoint's refusals by status and error code.
-
-    It reads the code from the answer's JSON body (``{"error": code, ...}``, a few
-    bytes) only when the status is 400 or more, so accepted events cost one closure.
-    """
-
-    def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
-        """Wrap ``app``."""
-        self.app = app
-        self._metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Serve one request or lifespan event."""
-        if scope["type"] != "http" or scope["path"] != WEBHOOK_PATH:
-            await self.app(scope, receive, send)
-            return
-        status = 0
-
-        async def watching_send(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            elif message["type"] == "http.response.body" and status >= 400:
-                self._metrics.refusal(status, _error_code(message.get("body", b"")))
-                status = 0  # one count per answer, whatever the number of body parts
-            await send(message)
-
-        await self.app(scope, receive, watching_send)
-
-
-def _error_code(body: bytes) -> object:
-    try:
-        answer = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
-    return answer.get("error") if isinstance(answer, dict) else None
-
-
 async def _not_found(request: Request, exc: Exception) -> Response:
     path = request.url.path
     if path.startswith("/u/"):
@@ -268,4 +227,4 @@ def create_app(settings: Settings, *, pool_size: int = 10) -> ASGIApp:
     )
     app.router.redirect_slashes = False  # a redirect would repeat a token in Location
     app.add_middleware(BodyLimit, limit=MAX_WEBHOOK_BYTES)
-    return CountRefusals(WebhookFrontDoor(app), service_metrics)
+    return WebhookFrontDoor(app, service_metrics)

@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from campaigns.api._ingest import Ingester, Overloaded, Unstorable
 from campaigns.api._resend_events import MAX_WEBHOOK_BYTES, Refused, SignatureCheck, parse
+from campaigns.metrics import ServiceMetrics
 
 log = structlog.get_logger("api.webhooks")
 
@@ -75,12 +76,6 @@ class _RefusalLog:
 _log_refusal = _RefusalLog()
 
 
-async def _refuse(send: Send, status: int, code: str, message: str, **headers: str) -> None:
-    _log_refusal(status, code)
-    body = orjson.dumps({"error": code, "message": message})
-    await _answer(send, status, body, *((k.encode(), v.encode()) for k, v in headers.items()))
-
-
 MAX_HEADER_BYTES = 16 * 1024
 """All request headers together, on every endpoint of the service."""
 
@@ -118,17 +113,29 @@ class WebhookFrontDoor:
     app's lifespan) when a request arrives.
     """
 
-    def __init__(self, app: Any) -> None:
-        """Wrap the Starlette ``app``."""
+    def __init__(self, app: Any, metrics: ServiceMetrics | None = None) -> None:
+        """Wrap the Starlette ``app``; ``metrics`` counts this endpoint's refusals."""
         self.app: ASGIApp = app
         self._state = app.state
+        self._metrics = metrics
+
+    async def _refuse(
+        self, scope: Scope, send: Send, status: int, code: str, message: str, **headers: str
+    ) -> None:
+        """Answer a refusal: logged (bounded), counted when it is this endpoint's."""
+        _log_refusal(status, code)
+        if self._metrics is not None and scope["path"] == PATH:
+            self._metrics.refusal(status, code)
+        body = orjson.dumps({"error": code, "message": message})
+        await _answer(send, status, body, *((k.encode(), v.encode()) for k, v in headers.items()))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Serve one request or lifespan event."""
         if scope["type"] == "http" and _header_bytes(scope) > MAX_HEADER_BYTES:
             # uvicorn's httptools parser sets no limit of its own; run the service
             # behind a proxy that refuses such requests before they are read whole.
-            await _refuse(
+            await self._refuse(
+                scope,
                 send,
                 431,
                 "headers_too_large",
@@ -139,21 +146,26 @@ class WebhookFrontDoor:
             await self.app(scope, receive, send)
             return
         if scope["method"] != "POST":
-            await _refuse(send, 405, "method_not_allowed", "use POST", allow="POST")
+            await self._refuse(scope, send, 405, "method_not_allowed", "use POST", allow="POST")
             return
         await self._resend(scope, receive, send)
 
     async def _resend(self, scope: Scope, receive: Receive, send: Send) -> None:
         signature: SignatureCheck | None = self._state.signature
         if signature is None:
-            await _refuse(
-                send, 503, "webhooks_disabled", "webhooks are not configured (WEBHOOK_SECRET)"
+            await self._refuse(
+                scope,
+                send,
+                503,
+                "webhooks_disabled",
+                "webhooks are not configured (WEBHOOK_SECRET)",
             )
             return
         try:
             body = await _read_body(scope, receive)
         except _TooLarge:
-            await _refuse(
+            await self._refuse(
+                scope,
                 send,
                 413,
                 "body_too_large",
@@ -171,24 +183,30 @@ class WebhookFrontDoor:
         try:
             event = parse(signature.verify(body, headers, now=now), body, now=now)
         except Refused as refused:
-            await _refuse(send, refused.status, refused.code, refused.message)
+            await self._refuse(scope, send, refused.status, refused.code, refused.message)
             return
         ingester: Ingester = self._state.ingester
         try:
             # A future, not a coroutine: waiting on it costs no task per request.
             is_new = await asyncio.wait_for(ingester.submit(event), timeout=COMMIT_WAIT_SECONDS)
         except Overloaded as exc:
-            await _refuse(send, 503, "overloaded", str(exc), **{"retry-after": "5"})
+            await self._refuse(scope, send, 503, "overloaded", str(exc), **{"retry-after": "5"})
             return
         except TimeoutError:
-            await _refuse(send, 503, "not_stored", "the event could not be stored in time; retry")
+            await self._refuse(
+                scope, send, 503, "not_stored", "the event could not be stored in time; retry"
+            )
             return
         except Unstorable as exc:
-            await _refuse(send, 400, "unstorable_value", str(exc))
+            await self._refuse(scope, send, 400, "unstorable_value", str(exc))
             return
         except Exception as exc:
-            await _refuse(
-                send, 503, "not_stored", f"the event could not be stored ({type(exc).__name__})"
+            await self._refuse(
+                scope,
+                send,
+                503,
+                "not_stored",
+                f"the event could not be stored ({type(exc).__name__})",
             )
             return
         if event.outcome == "ignored":

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from campaigns.store._pool import Conn, Connection
 
@@ -118,7 +119,6 @@ RETURNING seq
 _BACKLOG = """SELECT count(*) FILTER (WHERE next_try_at <= now()) AS due,
                      count(*) AS waiting
               FROM webhook_events WHERE applied_at IS NULL"""
-_OUTCOMES = "SELECT outcome, count(*) FROM webhook_events GROUP BY outcome"
 _PURGE = """DELETE FROM webhook_events
             WHERE seq IN (SELECT seq FROM webhook_events
                           WHERE applied_at < now() - make_interval(days => $1)
@@ -234,19 +234,27 @@ Decide = Callable[
 """The pure step of ``apply``: pending events, their messages and streaks -> decisions."""
 
 
+def _columns(rows: Sequence[object], *names: str) -> list[list[Any]]:
+    """One list per named attribute of ``rows``: the arrays an ``unnest`` takes."""
+    return [[getattr(row, name) for row in rows] for name in names]
+
+
 async def insert(conn: Conn, events: Sequence[NewEvent]) -> set[str]:
     """Store ``events`` in one statement; return the svix ids that were new."""
     if not events:
         return set()
     rows = await conn.fetch(
         _INSERT,
-        [e.svix_id for e in events],
-        [e.type for e in events],
-        [e.email_id for e in events],
-        [e.bounce_type for e in events],
-        [e.occurred_at for e in events],
-        [e.payload for e in events],
-        [e.outcome for e in events],
+        *_columns(
+            events,
+            "svix_id",
+            "type",
+            "email_id",
+            "bounce_type",
+            "occurred_at",
+            "payload",
+            "outcome",
+        ),
     )
     return {row["svix_id"] for row in rows}
 
@@ -281,59 +289,33 @@ async def apply(
         return decisions
 
 
+_MESSAGE_COLUMNS = (
+    "campaign_id", "recipient_id", "delivered_at", "delayed_at", "bounced_at", "bounce_type",
+    "soft_bounces", "complained_at", "opened_at", "opens", "clicked_at", "clicks",
+    "provider_failed_at",
+)  # fmt: skip
+_COUNT_COLUMNS = (
+    "org_id", "delivered", "delayed", "hard_bounced", "soft_bounced", "complained", "opened",
+    "clicked", "provider_failed",
+)  # fmt: skip
+
+
 async def _write(conn: Connection, d: Decisions) -> None:
     if d.messages:
-        m = d.messages
-        await conn.execute(
-            _UPDATE_MESSAGES,
-            [x.campaign_id for x in m],
-            [x.recipient_id for x in m],
-            [x.delivered_at for x in m],
-            [x.delayed_at for x in m],
-            [x.bounced_at for x in m],
-            [x.bounce_type for x in m],
-            [x.soft_bounces for x in m],
-            [x.complained_at for x in m],
-            [x.opened_at for x in m],
-            [x.opens for x in m],
-            [x.clicked_at for x in m],
-            [x.clicks for x in m],
-            [x.provider_failed_at for x in m],
-        )
+        await conn.execute(_UPDATE_MESSAGES, *_columns(d.messages, *_MESSAGE_COLUMNS))
     if d.suppressions:
-        s = d.suppressions
         await conn.execute(
-            _SUPPRESS,
-            [x.org_id for x in s],
-            [x.email for x in s],
-            [x.reason for x in s],
-            [x.campaign_id for x in s],
+            _SUPPRESS, *_columns(d.suppressions, "org_id", "email", "reason", "campaign_id")
         )
     if d.streaks:
-        k = sorted(d.streaks, key=lambda x: (x.org_id, x.email))
+        streaks = sorted(d.streaks, key=lambda x: (x.org_id, x.email))
         await conn.execute(
             _SAVE_STREAKS,
-            [x.org_id for x in k],
-            [x.email for x in k],
-            [x.soft_in_a_row for x in k],
-            [x.last_bounce_at for x in k],
+            *_columns(streaks, "org_id", "email", "soft_in_a_row", "last_bounce_at"),
         )
     if d.counts:
         ids = sorted(d.counts)
-        c = [d.counts[i] for i in ids]
-        await conn.execute(
-            _COUNT,
-            ids,
-            [x.org_id for x in c],
-            [x.delivered for x in c],
-            [x.delayed for x in c],
-            [x.hard_bounced for x in c],
-            [x.soft_bounced for x in c],
-            [x.complained for x in c],
-            [x.opened for x in c],
-            [x.clicked for x in c],
-            [x.provider_failed for x in c],
-        )
+        await conn.execute(_COUNT, ids, *_columns([d.counts[i] for i in ids], *_COUNT_COLUMNS))
     seqs = sorted(set(d.settled) | set(d.retry_in))
     if seqs:
         await conn.execute(
@@ -363,12 +345,6 @@ async def backlog(conn: Conn) -> Backlog:
     row = await conn.fetchrow(_BACKLOG)
     assert row is not None
     return Backlog(row["due"], row["waiting"])
-
-
-async def outcomes(conn: Conn) -> dict[str, int]:
-    """Stored events by outcome ("pending" for those not applied yet)."""
-    rows = await conn.fetch(_OUTCOMES)
-    return {(row[0] or "pending"): row[1] for row in rows}
 
 
 async def purge(conn: Conn, *, older_than_days: int, limit: int = 10_000) -> int:
