@@ -39,7 +39,9 @@ from activities import (
     ReputationActivities,
     SendingActivities,
 )
+from activities._account_rate import AccountRate
 from campaigns import metrics, store
+from campaigns.contract import send_task_queue
 from campaigns.logs import configure_logging
 from campaigns.provider import ProviderClient
 from campaigns.schedules import MAINTENANCE_TASK_QUEUE, refresh_once
@@ -64,8 +66,10 @@ def build_workers(
     """Workers for the requested roles.
 
     ``campaigns`` runs the campaign workflow and its activities on
-    ``settings.task_queue``; ``maintenance`` runs the scheduled refresh of first-party
-    orgs on its own task queue, so the send path never runs it.
+    ``settings.task_queue``, and the batches on the provider account's task queue
+    (``send_task_queue``), whose rate limit is the account's shared rate;
+    ``maintenance`` runs the scheduled refresh of first-party orgs on its own task
+    queue, so the send path never runs it.
     """
     workers = []
     roles = set(queues)
@@ -76,12 +80,26 @@ def build_workers(
         )
     if "campaigns" in roles:
         planning = PlanningActivities(pool, client)
+        sends_queue = send_task_queue(settings.task_queue)
         sending = SendingActivities(
             pool,
             provider,
             SendingDomains(settings.shared_sending_domain, settings.shared_tracking_host),
             refresh_first_party=lambda: refresh_once(client),
             unsubscribe=unsubscribe_links_from(settings),
+            account_rate=AccountRate(pool, client, sends_queue),
+        )
+        workers.append(
+            Worker(
+                client,
+                task_queue=sends_queue,
+                activities=[sending.send_batch],
+                max_concurrent_activities=settings.worker_max_concurrent_activities,
+                graceful_shutdown_timeout=timedelta(
+                    seconds=settings.worker_graceful_shutdown_seconds
+                ),
+                interceptors=[BoundedFailures(), AutomaticHeartbeats()],
+            )
         )
         workers.append(
             Worker(
@@ -91,7 +109,9 @@ def build_workers(
                 activities=[
                     planning.prepare_campaign,
                     planning.plan_batches,
+                    planning.plan_sends,
                     planning.abandon_failed,
+                    # Runs prepared before the account's queue existed send here.
                     sending.send_batch,
                     ReputationActivities(pool).read_engagement,
                 ],

@@ -17,7 +17,9 @@ from campaigns.contract import (
     ABANDON_FAILED,
     INVALID_SPEC_ERROR,
     PLAN_BATCHES,
+    PLAN_SENDS,
     PREPARE_CAMPAIGN,
+    send_task_queue,
 )
 from campaigns.models import (
     AbandonFailedInput,
@@ -26,6 +28,8 @@ from campaigns.models import (
     CampaignPlan,
     CampaignSpec,
     PlanBatchesInput,
+    PlanSendsInput,
+    SendPlan,
     SpecInWorkflowInput,
 )
 from campaigns.spec_check import (
@@ -36,8 +40,8 @@ from campaigns.spec_check import (
     problems_from_validation_error,
     resolve_templates,
 )
+from campaigns.store import accounts, ledger, orgs
 from campaigns.store import campaigns as campaign_rows
-from campaigns.store import ledger, orgs
 from campaigns.store._pool import Conn
 from campaigns.store.templates import store_templates
 
@@ -45,6 +49,8 @@ log = structlog.get_logger(__name__)
 
 MAX_PAGE_ROWS = 100_000
 """Most recipient ids one page reads, whatever the window and batch size ask for."""
+MIN_SENDING_SECONDS = 30.0
+"""A campaign counts as sending, for its org's cap, this long after a plan at least."""
 
 
 def scope_problem(
@@ -141,6 +147,9 @@ class PlanningActivities:
                 weight = await orgs.fairness_weight(conn, spec.org)
                 if weight is not None:  # the org exists: check_against_database said so
                     plan = plan.model_copy(update={"fairness_weight": weight})
+                if activity.in_activity():
+                    queue = send_task_queue(activity.info().task_queue)
+                    plan = plan.model_copy(update={"send_task_queue": queue})
                 if spec.templates() is not None:  # by reference, they are stored already
                     await store_templates(conn, spec.org, templates)
                 saved = await campaign_rows.save(
@@ -183,6 +192,49 @@ class PlanningActivities:
             return CampaignInput.model_validate(values[0]).spec()
         except ValidationError as error:
             raise InvalidSpec(problems_from_validation_error(error)) from None
+
+    @activity.defn(name=PLAN_SENDS)
+    async def plan_sends(self, request: PlanSendsInput) -> SendPlan:
+        """The next ranges, sized for the provider account, and the campaign's limits.
+
+        Under an account limit each range is one provider request (``batch_size``
+        recipients), so that the account's task queue, whose rate limit counts
+        activities, counts requests, and its fairness shares requests among orgs.
+        Without one, a range is ``recipients_per_activity`` as before. The org's cap
+        is shared equally among its campaigns that are sending.
+        """
+        account = await accounts.get(self._pool)
+        limited = account is not None and account.limits.limited
+        per_range = request.recipients_per_activity
+        if limited:
+            per_range = min(per_range, request.emails_per_request)
+        ranges = await self.plan_batches(
+            request.model_copy(update={"recipients_per_activity": per_range})
+        )
+        return SendPlan(
+            ranges=ranges,
+            org_rate_cap=await self._org_share(request, sum(r.size for r in ranges)),
+            account_rate=account.target_rps if account is not None else None,
+        )
+
+    async def _org_share(self, request: PlanSendsInput, recipients: int) -> float | None:
+        """This campaign's share of its org's cap (emails/s), marking it as sending for
+        as long as this page should last; None when the org has no cap."""
+        org = request.org
+        if org is None:
+            return None
+        async with self._pool.acquire() as conn:
+            cap = await orgs.emails_per_second(conn, org)
+            if cap is None or not recipients:
+                await campaign_rows.mark_idle(conn, request.campaign_id, org)
+                return cap
+            own = min(cap, request.rate_per_second or cap)
+            # Long enough for the page at this campaign's rate, if it were alone.
+            seconds = max(MIN_SENDING_SECONDS, 1.5 * recipients / own)
+            sending = await campaign_rows.mark_sending(conn, request.campaign_id, org, seconds)
+            if sending > 1:  # the page lasts as many times longer as the cap is shared
+                await campaign_rows.mark_sending(conn, request.campaign_id, org, seconds * sending)
+        return cap / max(1, sending)
 
     @activity.defn(name=PLAN_BATCHES)
     async def plan_batches(self, request: PlanBatchesInput) -> list[BatchRange]:

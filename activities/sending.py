@@ -33,6 +33,7 @@ from pydantic import ValidationError
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities._account_rate import AccountRate
 from activities._batch_triage import triage
 from activities.planning import scope_problem
 from campaigns import metrics
@@ -210,11 +211,13 @@ class SendingActivities:
         refresh_first_party: Callable[[], Awaitable[object]] | None = None,
         *,
         unsubscribe: UnsubscribeLinks,
+        account_rate: AccountRate | None = None,
     ) -> None:
         """Share ``pool`` and ``provider`` across all batches of this process.
 
         ``unsubscribe`` signs the link of each message (its ``List-Unsubscribe``
-        headers and ``{{ unsubscribe_url }}``).
+        headers and ``{{ unsubscribe_url }}``). ``account_rate`` is told of every
+        answer, for the provider account's shared rate (None: nothing is told).
 
         ``refresh_first_party`` runs one first-party refresh (on the maintenance task
         queue); it is called only when no snapshot was ever published, and a batch
@@ -224,6 +227,7 @@ class SendingActivities:
         self._provider = provider
         self._domains = domains
         self._unsubscribe = unsubscribe
+        self._account_rate = account_rate
         self._first_party = FirstPartySnapshotCache(pool, bootstrap=refresh_first_party)
         self._campaigns: OrderedDict[tuple[str, str], _Campaign] = OrderedDict()
 
@@ -431,6 +435,8 @@ class SendingActivities:
             if body:
                 emails = [campaign.render(row, identity, self._unsubscribe) for row in body]
                 reply = await self._provider.send_batch(emails, key)
+                if self._account_rate is not None:
+                    self._account_rate.observe(reply)
                 if reply.kind is ReplyKind.ACCEPTED:
                     pairs = accepted[key] = [
                         (row.id, message_id)

@@ -17,11 +17,23 @@ from pydantic import ValidationError
 # Activity type names (as recorded in workflow histories).
 PREPARE_CAMPAIGN = "prepare_campaign"
 PLAN_BATCHES = "plan_batches"
+PLAN_SENDS = "plan_sends"
+"""``plan_batches`` sized for the provider account, with the org's cap share."""
 SEND_BATCH = "send_batch"
 ABANDON_FAILED = "abandon_failed"
 REFRESH_FIRST_PARTY_ORGS = "refresh_first_party_orgs"
 READ_ENGAGEMENT = "read_engagement"
 """The reputation watch's read of a campaign's engagement counters."""
+
+
+def send_task_queue(task_queue: str, account: str = "default") -> str:
+    """The task queue of a provider account's batch activities.
+
+    Its Temporal rate limit is the account's shared rate (``campaigns.rate_control``);
+    workers of ``task_queue`` poll it too.
+    """
+    return f"{task_queue}-sends-{account}"
+
 
 # Application error types an activity raises.
 INVALID_SPEC_ERROR = "InvalidCampaignSpec"

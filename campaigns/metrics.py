@@ -20,15 +20,16 @@ worker metric                                      type       labels
                                                               HTTP code or the class
 ``campaigns_provider_request_duration_seconds``    histogram  ``status_class``
 ``campaigns_provider_throttled_total``             counter    (429 answers)
-``campaigns_account_limit_emails_per_second``      gauge      ``account``
-``campaigns_org_share``                            gauge      ``org``
+``campaigns_account_rate_requests_per_second``     gauge      ``account``, ``kind``:
+                                                              current, ceiling
 =================================================  =========  ===========================
 
 ``campaigns_emails_total`` counts each outcome a batch attempt writes to the ledger,
-once: a retried batch counts only what the retry itself decides. The two gauges are
-defined for the account-wide shared limit and set by it once it exists (the limit the
-account currently allows, in emails/s, and each sending org's fraction of it, 0..1);
-until then they have no series.
+once: a retried batch counts only what the retry itself decides. The account's rate
+is the same in every worker (each sets it from the account's row after its report,
+every half second, while the account has a limit); an org's share of the account is
+``sum by (org) (rate(campaigns_emails_total{outcome="sent"}[1m]))`` over the sum of
+all orgs, which the dashboard draws.
 
 **The HTTP service** serves ``GET /metrics`` on its own port (prometheus-client):
 
@@ -143,25 +144,19 @@ PROVIDER_THROTTLED = Metric(
     "counter",
     "Provider answers 429 (rate limited): not failures, the batch retries later.",
 )
-ACCOUNT_LIMIT = Metric(
-    "campaigns_account_limit_emails_per_second",
+ACCOUNT_RATE = Metric(
+    "campaigns_account_rate_requests_per_second",
     "gauge",
-    "The provider account's current shared send limit (set by the shared limit).",
-    ("account",),
-)
-ORG_SHARE = Metric(
-    "campaigns_org_share",
-    "gauge",
-    "Each sending org's fraction of the account's limit, 0..1 (set by the shared limit).",
-    ("org",),
+    "The provider account's shared rate: 'current' is the rate its task queue dispatches "
+    "batches at now (adaptive), 'ceiling' the most it may reach (configured or advertised).",
+    ("account", "kind"),
 )
 WORKER_METRICS = (
     EMAILS,
     PROVIDER_REQUESTS,
     PROVIDER_LATENCY,
     PROVIDER_THROTTLED,
-    ACCOUNT_LIMIT,
-    ORG_SHARE,
+    ACCOUNT_RATE,
 )
 """What a worker's endpoint serves besides the SDK's own ``temporal_*`` metrics."""
 
@@ -291,8 +286,7 @@ class WorkerMetrics:
             PROVIDER_LATENCY.base, PROVIDER_LATENCY.help, "s"
         )
         self._throttled = meter.create_counter(PROVIDER_THROTTLED.base, PROVIDER_THROTTLED.help)
-        self._limit = meter.create_gauge_float(ACCOUNT_LIMIT.base, ACCOUNT_LIMIT.help)
-        self._share = meter.create_gauge_float(ORG_SHARE.base, ORG_SHARE.help)
+        self._account_rate = meter.create_gauge_float(ACCOUNT_RATE.base, ACCOUNT_RATE.help)
 
     def emails(self, org: str, campaign: str, outcomes: Iterable[str]) -> None:
         """Count the outcomes (``sent``, ``failed`` ...) one batch attempt recorded."""
@@ -308,13 +302,10 @@ class WorkerMetrics:
         if status == 429:
             self._throttled.add(1)
 
-    def account_limit(self, account: str, emails_per_second: float) -> None:
-        """The shared limit's current value for ``account`` (set by the shared limit)."""
-        self._limit.set(emails_per_second, {"account": account})
-
-    def org_share(self, org: str, share: float) -> None:
-        """``org``'s current fraction of the account's limit (set by the shared limit)."""
-        self._share.set(share, {"org": org})
+    def account_rate(self, account: str, current: float, ceiling: float) -> None:
+        """The account's shared rate now and its ceiling, requests/s."""
+        self._account_rate.set(current, {"account": account, "kind": "current"})
+        self._account_rate.set(ceiling, {"account": account, "kind": "ceiling"})
 
 
 _worker: WorkerMetrics | None = None

@@ -466,6 +466,11 @@ class CampaignPlan(_Model):
         default=DEFAULT_FAIRNESS_WEIGHT,
         description="The org's fairness weight when the campaign was prepared (older runs: 1).",
     )
+    send_task_queue: str | None = Field(
+        default=None,
+        description="The provider account's task queue the batches run on, whose rate "
+        "limit is the account's shared rate (older runs: None, the campaign's own queue).",
+    )
 
 
 class SpecInWorkflowInput(_Model):
@@ -512,6 +517,31 @@ class PlanBatchesInput(_Model):
         description="Recipients per range: what one batch activity handles.",
     )
     max_batches: int
+
+
+class PlanSendsInput(PlanBatchesInput):
+    """``PlanBatchesInput`` with what sizing for the provider account needs."""
+
+    emails_per_request: int = Field(
+        description="The spec's batch_size: under an account limit one range is one request."
+    )
+    rate_per_second: float | None = Field(
+        default=None, description="The campaign's own rate, to tell how long a page lasts."
+    )
+
+
+class SendPlan(_Model):
+    """The next ranges of a campaign and the limits that apply to it now."""
+
+    ranges: list[BatchRange]
+    org_rate_cap: float | None = Field(
+        default=None,
+        description="This campaign's share of its org's cap, emails/s (None: no cap).",
+    )
+    account_rate: float | None = Field(
+        default=None,
+        description="The provider account's shared rate now, requests/s (None: no limit).",
+    )
 
 
 class SendBatchInput(_Model):
@@ -762,6 +792,16 @@ class CampaignStatus(BaseModel):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     last_error: str | None = None
+    org_rate_cap: float | None = Field(
+        default=None,
+        description="This campaign's share of its org's cap (emails/s) at its last plan; "
+        "None: the org has no cap.",
+    )
+    account_rate: float | None = Field(
+        default=None,
+        description="The provider account's shared rate (requests/s) at the campaign's "
+        "last plan; None: the account has no limit.",
+    )
 
     @property
     def done(self) -> bool:

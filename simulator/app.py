@@ -85,7 +85,12 @@ class SimulatorConfig(WebhookSettings):
     latency_jitter_ms: float = Field(default=0.0, ge=0)
     error_rate_before: float = Field(default=0.0, ge=0, le=1)
     error_rate_after: float = Field(default=0.0, ge=0, le=1)
-    rate_limit_per_second: float | None = Field(default=None, gt=0)
+    rate_limit_per_second: float | None = Field(default=None, gt=0, le=100_000)
+    rate_limit_headers: bool = Field(
+        default=True,
+        description="With a rate limit, answer with ratelimit-limit, -remaining, -reset "
+        "and -policy headers, as Resend does; off, only a 429's retry-after tells.",
+    )
     reject_addresses: list[str] = Field(
         default_factory=list, description="A batch containing any of these gets a 422."
     )
@@ -296,6 +301,13 @@ class Simulator:
         state, config = self.state, self.state.config
         response = await self._send_batch(request, state, config)
         state.responses[response.status] += 1
+        rate = config.rate_limit_per_second
+        if rate is not None and config.rate_limit_headers:
+            remaining = max(0, int(state.tokens))
+            response.headers["ratelimit-limit"] = f"{rate:g}"
+            response.headers["ratelimit-remaining"] = str(remaining)
+            response.headers["ratelimit-reset"] = "1"
+            response.headers["ratelimit-policy"] = f"{rate:g};w=1"
         return response
 
     async def _send_batch(

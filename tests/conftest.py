@@ -122,6 +122,7 @@ async def sim(simulator_url: str) -> AsyncIterator[SimulatorControl]:
             error_rate_before=0,
             error_rate_after=0,
             rate_limit_per_second=None,
+            rate_limit_headers=True,
             reject_addresses=[],
         )
         yield control

@@ -46,6 +46,7 @@ with workflow.unsafe.imports_passed_through():
         ABANDON_FAILED,
         INVALID_SPEC_ERROR,
         PLAN_BATCHES,
+        PLAN_SENDS,
         PREPARE_CAMPAIGN,
         PROVIDER_AUTH_ERROR,
         PROVIDER_CONFIG_ERROR,
@@ -70,10 +71,12 @@ with workflow.unsafe.imports_passed_through():
         CampaignStatus,
         CarriedState,
         PlanBatchesInput,
+        PlanSendsInput,
         ReadEngagementInput,
         ReputationCounts,
         ReputationWatch,
         SendBatchInput,
+        SendPlan,
         SpecInWorkflowInput,
         is_valid_org_id,
         priority_problem,
@@ -125,6 +128,7 @@ PATCH_REFUSE_CLIENT_CARRIED_STATE = "refuse-client-carried-state"
 PATCH_REFUSE_FAR_SEND_AT = "refuse-far-send-at"
 PATCH_REPUTATION_WATCH = "reputation-watch"
 PATCH_TASK_PRIORITY = "task-priority-and-fairness"
+PATCH_ACCOUNT_SEND_QUEUE = "account-send-queue"
 
 
 class CampaignFailed(Exception):
@@ -352,36 +356,20 @@ class CampaignWorkflow:
                 and len(self._in_flight) < controls.window
             ):
                 if not ranges and not exhausted:
-                    page: list[BatchRange] = await workflow.execute_activity(
-                        PLAN_BATCHES,
-                        PlanBatchesInput(
-                            campaign_id=spec.campaign_id,
-                            org=spec.org,
-                            audience_id=carried.plan.audience_id,
-                            source=source,
-                            after_id=plan_cursor,
-                            recipients_per_activity=spec.recipients_per_activity,
-                            max_batches=max(2 * controls.window, 4),
-                        ),
-                        result_type=list[BatchRange],
-                        # The campaign's priority here too: a priority-1 campaign's
-                        # planning must not wait behind a priority-3 backlog.
-                        **self._step(DATABASE_STEP, spec.org, carried.plan.fairness_weight),
-                    )
+                    page = await self._plan(spec, carried, source, plan_cursor)
                     ranges.extend(page)
                     exhausted = not page
                     plan_cursor = page[-1].last_id if page else plan_cursor
                     continue  # controls may have changed while planning
                 if not ranges:
                     break
-                if controls.rate_per_second:
+                rate = self._paced_rate()
+                if rate:
                     now = workflow.time()
                     if next_start > now:
                         wake_in = next_start - now
                         break
-                    next_start = paced_start(
-                        next_start, now, ranges[0].size, controls.rate_per_second
-                    )
+                    next_start = paced_start(next_start, now, ranges[0].size, rate)
                 batch_range = ranges.popleft()
                 self._start_batch(spec, carried, source, batch_range)
                 carried.cursor = batch_range.last_id
@@ -410,6 +398,65 @@ class CampaignWorkflow:
             done = [task for task in self._in_flight if task.done()]
             self._in_flight = [task for task in self._in_flight if not task.done()]
             failure = self._collect(done) or failure
+
+    async def _plan(
+        self,
+        spec: CampaignSpec,
+        carried: CarriedState,
+        source: Literal["audience", "ledger"],
+        after_id: int,
+    ) -> list[BatchRange]:
+        """The next page of ranges after ``after_id``; empty at the end of the pass.
+
+        Runs that send on the provider account's task queue ask ``plan_sends``, which
+        sizes the ranges for the account and tells the org's cap share and the
+        account's rate (shown by the status); older runs ask ``plan_batches``.
+        """
+        controls = self._controls
+        request = PlanBatchesInput(
+            campaign_id=spec.campaign_id,
+            org=spec.org,
+            audience_id=carried.plan.audience_id,
+            source=source,
+            after_id=after_id,
+            recipients_per_activity=spec.recipients_per_activity,
+            max_batches=max(2 * controls.window, 4),
+        )
+        # The campaign's priority here too: a priority-1 campaign's planning must not
+        # wait behind a priority-3 backlog.
+        step = self._step(DATABASE_STEP, spec.org, carried.plan.fairness_weight)
+        if not self._sends_on_account_queue(carried):
+            page: list[BatchRange] = await workflow.execute_activity(
+                PLAN_BATCHES, request, result_type=list[BatchRange], **step
+            )
+            return page
+        plan: SendPlan = await workflow.execute_activity(
+            PLAN_SENDS,
+            PlanSendsInput(
+                **request.model_dump(),
+                emails_per_request=spec.batch_size,
+                rate_per_second=controls.rate_per_second,
+            ),
+            result_type=SendPlan,
+            **step,
+        )
+        self._status.org_rate_cap = plan.org_rate_cap
+        self._status.account_rate = plan.account_rate
+        return plan.ranges
+
+    def _sends_on_account_queue(self, carried: CarriedState) -> bool:
+        """Whether batches run on the provider account's task queue (runs prepared
+        before accounts existed keep the campaign's own queue)."""
+        return carried.plan.send_task_queue is not None and workflow.patched(
+            PATCH_ACCOUNT_SEND_QUEUE
+        )
+
+    def _paced_rate(self) -> float | None:
+        """The emails/s this campaign paces itself to: its own rate and its share of
+        its org's cap, whichever is lower (None: neither is set). The account's limit
+        is not paced here: its task queue dispatches the batches at that rate."""
+        rates = [r for r in (self._controls.rate_per_second, self._status.org_rate_cap) if r]
+        return min(rates) if rates else None
 
     # -- the reputation watch -------------------------------------------------------------
 
@@ -492,18 +539,15 @@ class CampaignWorkflow:
             range=batch_range,
             batch_size=spec.batch_size,
         )
+        step = self._step(
+            self._batch_step(carried, batch_range), spec.org, carried.plan.fairness_weight
+        )
+        if self._sends_on_account_queue(carried):
+            assert carried.plan.send_task_queue is not None
+            step = {**step, "task_queue": carried.plan.send_task_queue}
         self._in_flight.append(
             asyncio.ensure_future(
-                workflow.execute_activity(
-                    SEND_BATCH,
-                    batch,
-                    result_type=BatchOutcome,
-                    **self._step(
-                        self._batch_step(carried, batch_range),
-                        spec.org,
-                        carried.plan.fairness_weight,
-                    ),
-                )
+                workflow.execute_activity(SEND_BATCH, batch, result_type=BatchOutcome, **step)
             )
         )
         self._update_in_flight()

@@ -18,6 +18,7 @@ only to ``ProviderReply.error``, for the ledger, cut to ``MAX_ERROR_CHARS``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import math
 import re
@@ -35,6 +36,7 @@ import orjson
 from pydantic import SecretStr
 
 from campaigns.provider._transport import asyncio_transport
+from campaigns.rate_control import advertised_rate
 from campaigns.safe_text import bounded as bounded_text
 
 MAX_ANSWER_BYTES = 1024 * 1024
@@ -102,6 +104,8 @@ class ProviderReply:
     """A short form in our words (``HTTP 422 validation_error``), for the workflow's
     status and history; set on every reply ``ProviderClient`` returns."""
     retry_after: float | None = None
+    advertised_rps: float | None = None
+    """Requests/s the provider's ``ratelimit-*`` headers advertise, if they did."""
 
 
 def request_key(campaign_id: str, recipient_ids: Sequence[int]) -> str:
@@ -128,6 +132,10 @@ class Answer:
     unreadable: str | None = None
     """Why the body was not read, in our words (``larger than 1 MiB``)."""
     retry_after: str | None = None
+    rate_limit: str | None = None
+    """``ratelimit-limit``, as sent."""
+    rate_policy: str | None = None
+    """``ratelimit-policy``, as sent."""
 
 
 def bounded(text: str, limit: int = MAX_ERROR_CHARS) -> str:
@@ -407,7 +415,11 @@ class ProviderClient:
             # The exception's text may quote what the server sent: ledger only.
             return _soft(f"connection error: {type(exc).__name__}", f"connection error: {exc!r}")
         self._observe(answer.status, time.perf_counter() - started)
-        return classify_answer(answer, len(emails))
+        reply = classify_answer(answer, len(emails))
+        if answer.rate_limit is not None or answer.rate_policy is not None:
+            advertised = advertised_rate(answer.rate_limit, answer.rate_policy)
+            reply = dataclasses.replace(reply, advertised_rps=advertised)
+        return reply
 
     async def _exchange(self, body: bytes, idempotency_key: str) -> Answer:
         """Send one request and read its answer within the size limit."""
@@ -420,6 +432,12 @@ class ProviderClient:
             except _Unreadable as exc:
                 # Leaving the block unread closes the connection rather than reusing it.
                 content, unreadable = None, str(exc)
+            headers = response.headers
             return Answer(
-                response.status_code, content, unreadable, response.headers.get("retry-after")
+                response.status_code,
+                content,
+                unreadable,
+                headers.get("retry-after"),
+                headers.get("ratelimit-limit"),
+                headers.get("ratelimit-policy"),
             )

@@ -99,3 +99,25 @@ async def save(
     """
     saved = await conn.fetchval(_SAVE, campaign_id, org, audience_id, spec, workflow_id)
     return saved is not None
+
+
+_MARK_SENDING = """UPDATE campaigns SET sending_until = now() + make_interval(secs => $3)
+                       WHERE id = $1 AND org_id = $2 RETURNING id"""
+_SENDING_IN_ORG = """SELECT count(*) FROM campaigns
+                        WHERE org_id = $1 AND sending_until > now()"""
+_MARK_IDLE = "UPDATE campaigns SET sending_until = NULL WHERE id = $1 AND org_id = $2"
+
+
+async def mark_sending(conn: Conn, campaign_id: str, org: str, for_seconds: float) -> int:
+    """Mark the campaign as sending for the next ``for_seconds``; return how many of
+    the org's campaigns are sending now, this one included (0: not the org's)."""
+    marked = await conn.fetchval(_MARK_SENDING, campaign_id, org, for_seconds)
+    if marked is None:
+        return 0
+    count: int = await conn.fetchval(_SENDING_IN_ORG, org)
+    return count
+
+
+async def mark_idle(conn: Conn, campaign_id: str, org: str) -> None:
+    """The campaign's pass has nothing left to plan: it no longer shares its org's cap."""
+    await conn.execute(_MARK_IDLE, campaign_id, org)

@@ -1,4 +1,4 @@
-"""Orgs, their feature flags, fairness weights and suppression lists."""
+"""Orgs, their feature flags, fairness weights, send caps and suppression lists."""
 
 from __future__ import annotations
 
@@ -16,12 +16,14 @@ _UPSERT = """INSERT INTO orgs (id, name, verified_domain, fairness_weight)
                    fairness_weight = coalesce($5, orgs.fairness_weight)"""
 _FAIRNESS_WEIGHT = "SELECT fairness_weight FROM orgs WHERE id = $1"
 _SET_FAIRNESS_WEIGHT = "UPDATE orgs SET fairness_weight = $2 WHERE id = $1 RETURNING id"
+_SET_EMAILS_PER_SECOND = "UPDATE orgs SET emails_per_second = $2 WHERE id = $1 RETURNING id"
+_EMAILS_PER_SECOND = "SELECT emails_per_second FROM orgs WHERE id = $1"
 _ADD_IF_MISSING = "INSERT INTO orgs (id, name) VALUES ($1, $2) ON CONFLICT DO NOTHING"
 _SET_FLAG = """INSERT INTO org_feature_flags (org_id, flag, state) VALUES ($1, $2, $3)
                ON CONFLICT (org_id, flag)
                DO UPDATE SET state = EXCLUDED.state, updated_at = now()"""
-_LIST = """SELECT o.id, o.name, o.fairness_weight, count(a.id) AS audiences FROM orgs o
-               LEFT JOIN audiences a ON a.org_id = o.id GROUP BY o.id ORDER BY o.id"""
+_LIST = """SELECT o.id, o.name, o.fairness_weight, o.emails_per_second, count(a.id) AS audiences
+               FROM orgs o LEFT JOIN audiences a ON a.org_id = o.id GROUP BY o.id ORDER BY o.id"""
 _SUPPRESS = """INSERT INTO suppressions (org_id, email, reason) VALUES ($1, $2, $3)
                ON CONFLICT (org_id, email) DO UPDATE SET reason = EXCLUDED.reason"""
 _SUPPRESSED_BY = """SELECT reason, count(*) FROM suppressions
@@ -38,6 +40,8 @@ class OrgSummary:
     name: str
     audiences: int
     fairness_weight: float = 1.0
+    emails_per_second: float | None = None
+    """The org's cap over all its campaigns; None: none."""
 
 
 async def exists(conn: Conn, org: str) -> bool:
@@ -72,6 +76,18 @@ async def set_fairness_weight(conn: Conn, org: str, weight: float) -> bool:
     return await conn.fetchval(_SET_FAIRNESS_WEIGHT, org, weight) is not None
 
 
+async def set_emails_per_second(conn: Conn, org: str, cap: float | None) -> bool:
+    """Set the org's cap in emails/s over all its campaigns (None: none); False,
+    writing nothing, if there is no such org."""
+    return await conn.fetchval(_SET_EMAILS_PER_SECOND, org, cap) is not None
+
+
+async def emails_per_second(conn: Conn, org: str) -> float | None:
+    """The org's cap in emails/s; None when it has none (or there is no such org)."""
+    value: float | None = await conn.fetchval(_EMAILS_PER_SECOND, org)
+    return value
+
+
 async def add_if_missing(conn: Conn, org: str, name: str) -> None:
     """Create the org unless it exists (an existing one is left as it is)."""
     await conn.execute(_ADD_IF_MISSING, org, name)
@@ -85,7 +101,13 @@ async def set_flag(conn: Conn, org: str, flag: str, state: str) -> None:
 async def list_all(conn: Conn) -> list[OrgSummary]:
     """Every org, by id, with its number of audiences."""
     return [
-        OrgSummary(row["id"], row["name"], row["audiences"], row["fairness_weight"])
+        OrgSummary(
+            row["id"],
+            row["name"],
+            row["audiences"],
+            row["fairness_weight"],
+            row["emails_per_second"],
+        )
         for row in await conn.fetch(_LIST)
     ]
 
