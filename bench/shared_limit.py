@@ -68,6 +68,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowFailureError, WorkflowHandle
 from temporalio.service import RPCError
 
@@ -87,6 +88,7 @@ from bench._harness import (  # noqa: E402
     set_account_limit,
 )
 from campaigns.client import CampaignClient  # noqa: E402
+from campaigns.contract import SEND_BATCH  # noqa: E402
 from campaigns.logs import configure_logging  # noqa: E402
 from campaigns.models import MAX_PROVIDER_BATCH, CampaignSpec  # noqa: E402
 
@@ -309,6 +311,42 @@ async def campaigns_done(ctx: Context, campaigns: list[Running]) -> list[str]:
     return done
 
 
+async def batch_starts(
+    ctx: Context, workflow_id: str, since: float
+) -> list[tuple[float, float, float | None]]:
+    """(scheduled, started, completed) wall-clock times of the send_batch activities of a
+    campaign's runs that started after ``since`` or were still running then, from
+    Temporal history (completed None: not completed)."""
+    found: list[tuple[float, float, float | None]] = []
+    run_id: str | None = None
+    while True:
+        handle = ctx.client.temporal.get_workflow_handle(workflow_id, run_id=run_id)
+        events = (await handle.fetch_history()).events
+        scheduled: dict[int, float] = {}
+        started_at: dict[int, float] = {}
+        completed_at: dict[int, float] = {}
+        for event in events:
+            at = event.event_time.ToDatetime().timestamp()
+            if event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
+                attributes = event.activity_task_scheduled_event_attributes
+                if attributes.activity_type.name == SEND_BATCH:
+                    scheduled[event.event_id] = at
+            elif event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED:
+                started_at[event.activity_task_started_event_attributes.scheduled_event_id] = at
+            elif event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED:
+                completed = event.activity_task_completed_event_attributes
+                completed_at[completed.scheduled_event_id] = at
+        for event_id, queued in scheduled.items():
+            if event_id in started_at:
+                found.append((queued, started_at[event_id], completed_at.get(event_id)))
+        first = events[0]
+        begun = first.event_time.ToDatetime().timestamp()
+        previous = first.workflow_execution_started_event_attributes.continued_execution_run_id
+        if not previous or begun < since:
+            return found
+        run_id = previous
+
+
 # -- phases ------------------------------------------------------------------------------
 
 
@@ -420,6 +458,10 @@ async def adaptation_run(ctx: Context, headers: bool) -> None:
             f"the account row still held advertised_rps={stale:g} from the last phase; "
             "the benchmark clears it (set_limits does not)"
         )
+    if not headers and not args.keep_workers:
+        # A worker keeps the last advertised limit it saw until its next report, and
+        # would bring the last run's provider's limit into this one.
+        ctx.bench.restart_workers()
     await ctx.set_limit(ceiling)
     await ctx.reset_simulator(limits[0], headers=headers)
     changes: list[float] = []
@@ -440,6 +482,13 @@ async def adaptation_run(ctx: Context, headers: bool) -> None:
     await ctx.stop(campaigns)
     if done:
         results.note(f"campaigns finished during the run: {', '.join(done)}")
+    left = await advertised_rps(ctx.bench.pool)
+    if not headers and left is not None:
+        results.note(
+            f"the account row holds advertised_rps={left:g} after a run whose provider "
+            "advertised nothing: a worker carried it over from the previous run, and the "
+            "row never forgets it"
+        )
     results.timelines[phase] = _timeline(sampler, changes[0], None, changes, limits)
     _print_timeline(results.timelines[phase])
     bounds = [*changes[1:], end]
@@ -549,7 +598,87 @@ async def priority(ctx: Context) -> None:
         from_start = await sent_between(ctx, background_ids, urgent.started_at, last)
         share_from_start = sent / (sent + from_start) if sent + from_start else None
     results.timelines[phase] = _timeline(sampler, urgent.started_at - args.warmup, rate)
+    # What the task queue dispatched while it sent: the order priority controls.
+    urgent_starts = await batch_starts(ctx, urgent.spec.campaign_id, urgent.started_at)
+    other_starts = [
+        start
+        for campaign in background
+        for start in await batch_starts(ctx, campaign.spec.campaign_id, urgent.started_at)
+    ]
     await ctx.stop([*background, urgent])
+    dispatch_share = inverted = None
+    if urgent_starts:
+        low = min(started for _, started, _ in urgent_starts)
+        high = max(started for _, started, _ in urgent_starts)
+        during = [started for _, started, _ in other_starts if low <= started <= high]
+        dispatch_share = len(urgent_starts) / (len(urgent_starts) + len(during))
+        # Lower-priority requests started while one of its requests was waiting.
+        inverted = sum(
+            any(queued <= started < begun for queued, begun, _ in urgent_starts)
+            for started in during
+        )
+        results.add(
+            Figure(
+                phase,
+                "its share of requests started, first to last start (history)",
+                100 * dispatch_share,
+                "",
+                None,
+                "%",
+            )
+        )
+        waits = sorted(begun - queued for queued, begun, _ in urgent_starts)
+        runs = sorted(done - begun for _, begun, done in urgent_starts if done is not None)
+        results.add(
+            Figure(
+                phase,
+                "its requests' wait in the queue, median (history)",
+                waits[len(waits) // 2],
+                "",
+                None,
+                "s",
+                ".2f",
+            )
+        )
+        other_runs = sorted(
+            done - begun
+            for _, begun, done in other_starts
+            if done is not None and low <= begun <= high
+        )
+        before = sorted(
+            done - begun
+            for _, begun, done in other_starts
+            if done is not None and low - 5 <= begun < low - 1
+        )
+        for label, values in (
+            ("priority-3 requests' run time meanwhile, median", other_runs),
+            ("priority-3 requests' run time in the 5 s before, median", before),
+        ):
+            if values:
+                results.add(Figure(phase, label, values[len(values) // 2], "", None, "s", ".2f"))
+        if runs:
+            results.add(
+                Figure(
+                    phase,
+                    "its requests' run time (started to completed), median (history)",
+                    runs[len(runs) // 2],
+                    "",
+                    None,
+                    "s",
+                    ".2f",
+                )
+            )
+        results.add(
+            Figure(
+                phase,
+                "priority-3 requests started while one of its was queued",
+                inverted,
+                "",
+                None,
+                f"of {len(during)}",
+                ",.0f",
+            )
+        )
     to_first = first - urgent.started_at if first is not None else None
     results.add(
         Figure(
@@ -844,6 +973,11 @@ async def main() -> None:
     parser.add_argument("--segment-seconds", type=float, default=30.0, help="adaptation")
     parser.add_argument("--latency-ms", type=float, default=0.0, help="simulator latency")
     parser.add_argument("--webhooks", action="store_true", help="keep the simulator's webhooks")
+    parser.add_argument(
+        "--keep-workers",
+        action="store_true",
+        help="do not restart the workers before the 429-only adaptation run",
+    )
     parser.add_argument(
         "--analyze-every",
         type=float,
