@@ -23,7 +23,8 @@ from campaigns.client import CampaignClient
 from campaigns.models import CampaignState
 from campaigns.settings import Settings
 from tests.helpers import SimulatorControl, addresses, make_audience, make_org, make_spec
-from tests.test_crash_recovery import WorkerProcess, poll, worker_process  # noqa: F401
+from tests.test_crash_recovery import poll, worker_process  # noqa: F401
+from tests.worker_support import WorkerProcess
 
 MAX_QUIET_SECONDS = 15.0
 """Longest a campaign may stand still after the worker holding its activity died."""

@@ -20,6 +20,10 @@ Every activity of the campaign is scheduled with a task-queue ``Priority``: the
 campaign's current priority, its org as the fairness key and the org's fairness weight
 (see ``workflows._priority``), so a backlogged queue serves priority 1 first and shares
 each priority level among orgs by weight.
+
+Batches run on the provider account's task queue (``CampaignPlan.send_task_queue``),
+whose Temporal rate limit is the account's shared rate: the campaign paces only to its
+own rate and its share of its org's cap, both from each ``plan_sends``.
 """
 
 from __future__ import annotations
