@@ -26,7 +26,7 @@ from campaigns.contract import send_task_queue
 from campaigns.models import CampaignSpec, CampaignState, CampaignStatus
 from campaigns.provider import ProviderClient
 from campaigns.settings import Settings
-from campaigns.store import accounts
+from campaigns.store import accounts, orgs
 from campaigns.temporal import describe_queue, set_queue_rate_limit
 from tests.conftest import TEST_API_KEY, migrated_database
 from tests.helpers import (
@@ -416,3 +416,37 @@ async def test_worker_metrics_show_the_accounts_rate(
     lines = [line for line in text.splitlines() if line.startswith("campaigns_account_rate")]
     assert any('kind="ceiling"' in line and float(line.split()[-1]) == 30 for line in lines), lines
     assert any('kind="current"' in line for line in lines), lines
+
+
+async def test_an_orgs_cap_is_shared_by_its_campaigns(
+    setup: Setup, sim: SimulatorControl, in_process_worker: None
+) -> None:
+    """An org capped at 1,500 emails/s runs two campaigns at about 750 each, whatever
+    the account (100 requests/s) would allow; the status tells the share."""
+    await setup.limit(100)
+    org = await make_org(setup.pool)
+    async with setup.pool.acquire() as conn:
+        assert await orgs.set_emails_per_second(conn, org, 1_500)
+    audiences = [await setup.audience(org, 6_000) for _ in range(2)]
+    campaigns = setup.campaigns()
+    specs = [setup.spec(org, audience) for audience in audiences]
+    for spec in specs:
+        await campaigns.start(spec)
+    shared = await eventually(
+        lambda: campaigns.status(specs[0].campaign_id),
+        lambda s: s.org_rate_cap == 750,
+        within=30,
+        what="the first campaign sees half the org's cap",
+    )
+    assert shared.account_rate == 100
+    ids = [spec.campaign_id for spec in specs]
+    for spec in specs:
+        status = await _finished(campaigns, spec.campaign_id, within=60)
+        assert status.counts.sent == 6_000
+    first_sent, last_sent = await setup.pool.fetchrow(
+        """SELECT extract(epoch FROM min(sent_at))::float8, extract(epoch FROM max(sent_at))::float8
+           FROM deliveries WHERE campaign_id = ANY($1)""",
+        ids,
+    )
+    # 12,000 emails at 1,500/s take 8 s; the account alone would take 1.2 s.
+    assert last_sent - first_sent >= 12_000 / 1_500 * 0.75
