@@ -6,12 +6,12 @@ import math
 
 import pytest
 
+from campaigns.provider import advertised_rate
 from campaigns.rate_control import (
     MAX_REQUESTS_PER_SECOND,
     Adaptive,
     Limits,
     Window,
-    advertised_rate,
     decide,
     limit_problem,
 )

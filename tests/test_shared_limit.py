@@ -139,7 +139,8 @@ async def in_process_worker(setup: Setup) -> AsyncIterator[None]:
     from worker import build_workers, running
 
     provider = ProviderClient(setup.settings.provider_base_url or "", SecretStr(TEST_API_KEY))
-    async with running(build_workers(setup.client, setup.settings, setup.pool, provider)):
+    workers = build_workers(setup.client, setup.settings, setup.pool, provider, ("campaigns",))
+    async with running(workers):
         yield
     await provider.aclose()
 
@@ -448,5 +449,15 @@ async def test_an_orgs_cap_is_shared_by_its_campaigns(
            FROM deliveries WHERE campaign_id = ANY($1)""",
         ids,
     )
-    # 12,000 emails at 1,500/s take 8 s; the account alone would take 1.2 s.
-    assert last_sent - first_sent >= 12_000 / 1_500 * 0.75
+    # The account alone would take 1.2 s. A campaign learns of the other's share at its
+    # next page (32 batches here), so the first seconds may run above the cap; after
+    # that the two together keep to it.
+    assert last_sent - first_sent >= 12_000 / 1_500 * 0.6
+    steady = await setup.pool.fetchval(
+        """SELECT count(*) FROM deliveries WHERE campaign_id = ANY($1) AND status = 'sent'
+           AND sent_at >= to_timestamp($2) AND sent_at < to_timestamp($3)""",
+        ids,
+        first_sent + 3,
+        last_sent - 0.5,
+    )
+    assert steady / (last_sent - 0.5 - first_sent - 3) <= 1_500 * 1.25
