@@ -111,12 +111,14 @@ LimitedBy = Literal["window", "its rate", "org cap", "account", "nothing", "paus
 def limited_by(status: CampaignStatus) -> LimitedBy:
     """What holds the campaign's send rate back now, judged from its status alone.
 
-    In this order: ``paused``; ``window`` when as many batches are in flight as its
-    window allows; ``its rate`` when it sends at 90% or more of its own rate limit;
-    ``org cap`` when it sends at 90% or more of its share of its org's cap;
-    ``account`` when the provider account has a shared rate (its task queue dispatches
-    the batches at that rate) and nothing above holds; else ``nothing`` (also for a
-    campaign that is not sending: scheduled, preparing, waiting or finished).
+    In this order: ``paused``; ``its rate`` when it sends at 90% or more of its own
+    rate limit; ``org cap`` when it sends at 90% or more of its share of its org's cap
+    (both are paced by the workflow); ``account`` when the provider account has a
+    shared rate (its batches wait in the account's task queue, which dispatches them
+    at that rate, and waiting batches count as in flight, so the window is full too);
+    ``window`` when the window is full without an account limit; else ``nothing``
+    (also for a campaign that is not sending: scheduled, preparing, waiting or
+    finished).
     """
     controls = status.controls
     if status.state is CampaignState.PAUSED or (controls is not None and controls.paused):
@@ -124,8 +126,6 @@ def limited_by(status: CampaignStatus) -> LimitedBy:
     if status.state is not CampaignState.RUNNING:
         return "nothing"
     measured = status.rate_per_second
-    if controls is not None and status.in_flight_batches >= controls.window:
-        return "window"
     own = controls.rate_per_second if controls is not None else None
     if own and measured >= NEAR_LIMIT * own:
         return "its rate"
@@ -133,6 +133,8 @@ def limited_by(status: CampaignStatus) -> LimitedBy:
         return "org cap"
     if status.account_rate is not None:
         return "account"
+    if controls is not None and status.in_flight_batches >= controls.window:
+        return "window"
     return "nothing"
 
 

@@ -63,8 +63,8 @@ def status(**fields: object) -> CampaignStatus:
 @pytest.mark.parametrize(
     ("fields", "expected"),
     [
-        # a full window wins over everything else
-        ({"in_flight_batches": 4, "rate_per_second": 100.0, "account_rate": 5.0}, "window"),
+        # under an account limit a full window is batches waiting in the account's queue
+        ({"in_flight_batches": 4, "rate_per_second": 100.0, "account_rate": 5.0}, "account"),
         ({"in_flight_batches": 5}, "window"),
         # at 90% of its own rate or more
         (
