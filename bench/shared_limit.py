@@ -77,7 +77,6 @@ from bench._cpu import POSTGRES_BACKENDS, POSTGRES_BACKGROUND, CpuMeter, locate_
 from bench._harness import (  # noqa: E402
     BenchStack,
     SimulatorSampler,
-    advertised_rps,
     bench_stack,
     cpu_groups,
     disable_simulator_webhooks,
@@ -414,12 +413,6 @@ async def adaptation_run(ctx: Context, headers: bool) -> None:
         "4 campaigns (2 orgs x 2)",
         flush=True,
     )
-    stale = await advertised_rps(ctx.bench.pool)
-    if stale is not None:
-        results.note(
-            f"the account row still held advertised_rps={stale:g} from the last phase; "
-            "the benchmark clears it (set_limits does not)"
-        )
     await ctx.set_limit(ceiling)
     await ctx.reset_simulator(limits[0], headers=headers)
     changes: list[float] = []

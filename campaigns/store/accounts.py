@@ -54,6 +54,7 @@ _DECIDED = """UPDATE provider_accounts SET
 _SET_LIMITS = """UPDATE provider_accounts SET
                      requests_per_second = $2, emails_per_second = $3,
                      current_rps = NULL, throttled_at_rps = NULL, last_decrease_at = NULL,
+                     advertised_rps = NULL,
                      updated_at = now()
                  WHERE id = $1 RETURNING id"""
 _APPLIED = """UPDATE provider_accounts SET applied_rps = $2, applied_at = now()
@@ -126,7 +127,8 @@ async def set_limits(
 ) -> bool:
     """Set both configured limits (None: no limit); False if there is no such account.
 
-    The adaptive rate starts again from the new ceiling. Ranges are checked by the
+    The adaptive rate starts again from the new ceiling, forgetting what the provider
+    advertised (its next answer tells again). Ranges are checked by the
     callers (``campaigns.rate_control.limit_problem``) and by the table's CHECKs.
     """
     row = await conn.fetchval(_SET_LIMITS, account_id, requests_per_second, emails_per_second)
