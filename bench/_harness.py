@@ -376,14 +376,12 @@ async def set_account_limit(
     client: Client,
     requests_per_second: float | None,
     emails_per_second: float | None = None,
-    *,
-    clear_advertised: bool = True,
 ) -> None:
     """Configure the default provider account's limits and apply them to its task queue
     at once (the workers would within a report or two).
 
-    ``clear_advertised`` forgets the limit a provider advertised earlier, so a phase
-    starts from the configured ceiling rather than from the last phase's provider.
+    ``set_limits`` forgets the limit a provider advertised earlier, so a phase starts
+    from the configured ceiling rather than from the last phase's provider.
     """
     async with bench.pool.acquire() as conn:
         await accounts.set_limits(
@@ -392,25 +390,12 @@ async def set_account_limit(
             requests_per_second=requests_per_second,
             emails_per_second=emails_per_second,
         )
-        if clear_advertised:
-            await conn.execute(
-                "UPDATE provider_accounts SET advertised_rps = NULL WHERE id = $1",
-                accounts.DEFAULT_ACCOUNT,
-            )
     rps = requests_per_second
     if emails_per_second is not None:
         per_request = emails_per_second / MAX_PROVIDER_BATCH
         rps = per_request if rps is None else min(rps, per_request)
     queue = send_task_queue(bench.settings.task_queue)
     await set_queue_rate_limit(client, queue, rps, "bench")
-
-
-async def advertised_rps(pool: asyncpg.Pool) -> float | None:
-    """The limit the provider last advertised, as the default account's row keeps it."""
-    value: float | None = await pool.fetchval(
-        "SELECT advertised_rps FROM provider_accounts WHERE id = $1", accounts.DEFAULT_ACCOUNT
-    )
-    return value
 
 
 async def disable_simulator_webhooks(bench: BenchStack) -> None:

@@ -78,7 +78,6 @@ from bench._cpu import POSTGRES_BACKENDS, POSTGRES_BACKGROUND, CpuMeter, locate_
 from bench._harness import (  # noqa: E402
     BenchStack,
     SimulatorSampler,
-    advertised_rps,
     bench_stack,
     cpu_groups,
     disable_simulator_webhooks,
@@ -452,15 +451,9 @@ async def adaptation_run(ctx: Context, headers: bool) -> None:
         "4 campaigns (2 orgs x 2)",
         flush=True,
     )
-    stale = await advertised_rps(ctx.bench.pool)
-    if stale is not None:
-        results.note(
-            f"the account row still held advertised_rps={stale:g} from the last phase; "
-            "the benchmark clears it (set_limits does not)"
-        )
     if not headers and not args.keep_workers:
         # A worker keeps the last advertised limit it saw until its next report, and
-        # would bring the last run's provider's limit into this one.
+        # would bring the last run's provider's limit into the first seconds of this one.
         ctx.bench.restart_workers()
     await ctx.set_limit(ceiling)
     await ctx.reset_simulator(limits[0], headers=headers)
@@ -482,13 +475,6 @@ async def adaptation_run(ctx: Context, headers: bool) -> None:
     await ctx.stop(campaigns)
     if done:
         results.note(f"campaigns finished during the run: {', '.join(done)}")
-    left = await advertised_rps(ctx.bench.pool)
-    if not headers and left is not None:
-        results.note(
-            f"the account row holds advertised_rps={left:g} after a run whose provider "
-            "advertised nothing: a worker carried it over from the previous run, and the "
-            "row never forgets it"
-        )
     results.timelines[phase] = _timeline(sampler, changes[0], None, changes, limits)
     _print_timeline(results.timelines[phase])
     bounds = [*changes[1:], end]

@@ -4,6 +4,7 @@
     handle = await client.start(spec)
     status = await client.status(handle.id)
     await client.pause(handle.id)
+    capacity = await client.capacity()  # the account's rate and who uses it
 
 Controls are Temporal updates with validators: a refused action raises
 ``ControlRefused`` at once with the workflow's reason, and nothing is written to the
@@ -13,14 +14,15 @@ campaign's history.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import asyncpg
-from pydantic import ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from temporalio.client import (
     Client,
     WorkflowExecutionDescription,
@@ -36,6 +38,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from campaigns import search_attributes as sa
 from campaigns import store
+from campaigns.contract import send_task_queue
 from campaigns.models import (
     CAMPAIGN_ID_PATTERN,
     CampaignReport,
@@ -54,15 +57,23 @@ from campaigns.spec_check import (
     owned_by_another_workflow,
     problems_from_validation_error,
 )
+from campaigns.store import accounts, ledger, orgs, reports
 from campaigns.store import campaigns as campaign_rows
-from campaigns.store import ledger, reports
+from campaigns.store._pool import Conn
 from campaigns.store.templates import store_templates
-from campaigns.temporal import WORKFLOW_TYPE, connect
+from campaigns.temporal import WORKFLOW_TYPE, connect, describe_queue
 from workflows import CampaignWorkflow
 from workflows.campaign import FINAL_STATUS_MEMO
 
 ANSWER_TIMEOUT_SECONDS = 30.0
 """Longest a status read or a control waits for Temporal and a worker to answer."""
+CAPACITY_CAMPAIGNS = 100
+"""Most running campaigns ``capacity`` reads the status of."""
+CAPACITY_QUERY_SECONDS = 5.0
+"""Longest ``capacity`` waits for one campaign's status."""
+_CAPACITY_CONCURRENCY = 16
+NEAR_LIMIT = 0.9
+"""A campaign measured at this share of a rate or more is held by that rate."""
 
 
 class CampaignClientError(RuntimeError):
@@ -91,6 +102,152 @@ class CampaignListing:
     progress: float | None
     execution_status: str | None
     started_at: datetime
+
+
+LimitedBy = Literal["window", "its rate", "org cap", "account", "nothing", "paused"]
+"""What holds a campaign's send rate back (``limited_by``)."""
+
+
+def limited_by(status: CampaignStatus) -> LimitedBy:
+    """What holds the campaign's send rate back now, judged from its status alone.
+
+    In this order: ``paused``; ``its rate`` when it sends at 90% or more of its own
+    rate limit; ``org cap`` when it sends at 90% or more of its share of its org's cap
+    (both are paced by the workflow); ``account`` when the provider account has a
+    shared rate (its batches wait in the account's task queue, which dispatches them
+    at that rate, and waiting batches count as in flight, so the window is full too);
+    ``window`` when the window is full without an account limit; else ``nothing``
+    (also for a campaign that is not sending: scheduled, preparing, waiting or
+    finished).
+    """
+    controls = status.controls
+    if status.state is CampaignState.PAUSED or (controls is not None and controls.paused):
+        return "paused"
+    if status.state is not CampaignState.RUNNING:
+        return "nothing"
+    measured = status.rate_per_second
+    own = controls.rate_per_second if controls is not None else None
+    if own and measured >= NEAR_LIMIT * own:
+        return "its rate"
+    if status.org_rate_cap and measured >= NEAR_LIMIT * status.org_rate_cap:
+        return "org cap"
+    if status.account_rate is not None:
+        return "account"
+    if controls is not None and status.in_flight_batches >= controls.window:
+        return "window"
+    return "nothing"
+
+
+class AccountCapacity(BaseModel):
+    """A provider account's configured limits and its shared rate now."""
+
+    id: str
+    requests_per_second: float | None = Field(description="Configured; None: no limit.")
+    emails_per_second: float | None = Field(description="Configured; None: no limit.")
+    current_rps: float | None = Field(
+        description="The adaptive rate the account's task queue should dispatch at now "
+        "(requests/s); None: the account has no limit."
+    )
+    ceiling_rps: float | None = Field(
+        description="The most the rate may reach: the configured limits' and the "
+        "provider's advertised limit, whichever is lowest (requests/s)."
+    )
+    ceiling_source: Literal["configured", "advertised"] | None = None
+    advertised_rps: float | None = Field(
+        default=None, description="What the provider's ratelimit-* headers last said."
+    )
+    throttled_at_rps: float | None = Field(
+        default=None, description="The rate the provider accepted when it last answered 429."
+    )
+    applied_rps: float | None = Field(
+        default=None, description="The rate last recorded as set on the task queue."
+    )
+    recent_answered: float = Field(
+        description="Answers other than 429 in about the last 30 s (decayed)."
+    )
+    recent_throttled: float = Field(description="429 answers in about the last 30 s (decayed).")
+    recent_throttle_ratio: float = Field(description="Share of recent answers that were 429.")
+
+
+class QueueCapacity(BaseModel):
+    """What Temporal reports of the account's task queue."""
+
+    task_queue: str
+    rate_limit: float | None = Field(description="Activities (requests)/s; None: none set.")
+    backlog: int
+    backlog_age_seconds: float
+    dispatch_rate: float = Field(description="Activities started per second lately.")
+
+
+class CampaignCapacity(BaseModel):
+    """One running campaign's use of the account."""
+
+    workflow_id: str
+    campaign_id: str
+    org: str
+    state: CampaignState
+    priority: int | None
+    emails_per_second: float = Field(description="Measured over its last 30 s of batches.")
+    share: float = Field(description="Its part of all listed campaigns' emails/s, 0..1.")
+    window: int | None
+    in_flight_batches: int
+    rate_limit: float | None = Field(description="Its own rate limit, emails/s.")
+    org_rate_cap: float | None = Field(description="Its share of its org's cap, emails/s.")
+    account_rate: float | None = Field(description="The account's rate at its last plan.")
+    limited_by: LimitedBy
+
+
+class OrgCapacity(BaseModel):
+    """One org's use of the account, over its running campaigns."""
+
+    org: str
+    campaigns: int
+    emails_per_second: float
+    share: float = Field(description="Its part of all listed campaigns' emails/s, 0..1.")
+    cap: float | None = Field(description="Its cap over all its campaigns, emails/s.")
+    fairness_weight: float | None
+
+
+class Capacity(BaseModel):
+    """The provider account's capacity and how the running campaigns share it."""
+
+    at: datetime
+    account: AccountCapacity | None = Field(description="None: no such account row.")
+    queue: QueueCapacity | None = Field(description="None: Temporal did not describe it.")
+    queue_error: str | None = None
+    campaigns: list[CampaignCapacity]
+    orgs: list[OrgCapacity]
+    emails_per_second: float = Field(description="All listed campaigns together.")
+    unreadable: list[str] = Field(
+        default_factory=list, description="Running campaigns whose status did not come back."
+    )
+    truncated: bool = Field(
+        default=False, description=f"More than {CAPACITY_CAMPAIGNS} campaigns are running."
+    )
+
+
+def account_capacity(account: accounts.Account) -> AccountCapacity:
+    """What ``capacity`` shows of an account row."""
+    configured = account.limits.ceiling()
+    advertised = account.adaptive.advertised
+    ceiling = configured
+    source: Literal["configured", "advertised"] | None = "configured" if configured else None
+    if configured is not None and advertised is not None and advertised < configured:
+        ceiling, source = advertised, "advertised"
+    return AccountCapacity(
+        id=account.id,
+        requests_per_second=account.limits.requests_per_second,
+        emails_per_second=account.limits.emails_per_second,
+        current_rps=account.target_rps,
+        ceiling_rps=ceiling,
+        ceiling_source=source,
+        advertised_rps=advertised,
+        throttled_at_rps=account.adaptive.throttled_at,
+        applied_rps=account.applied_rps,
+        recent_answered=account.recent_answered,
+        recent_throttled=account.recent_throttled,
+        recent_throttle_ratio=account.recent_throttle_ratio,
+    )
 
 
 class CampaignClient:
@@ -244,6 +401,142 @@ class CampaignClient:
                 )
             )
         return found
+
+    async def capacity(
+        self, conn: Conn | None = None, *, account: str = accounts.DEFAULT_ACCOUNT
+    ) -> Capacity:
+        """The provider account's limits and rate, its task queue as Temporal sees it,
+        and how the running campaigns and their orgs share it.
+
+        Reads the account's row and the orgs' caps and weights from PostgreSQL
+        (``conn``, or a connection to ``settings.database_url`` for the call), the
+        queue from Temporal, and the status of at most ``CAPACITY_CAMPAIGNS`` running
+        campaigns (visibility: ``CampaignState = 'Running'``), each within
+        ``CAPACITY_QUERY_SECONDS``; those that do not answer are listed in
+        ``unreadable``.
+        """
+        if conn is None:
+            own = await store.connect(self.settings.require_database_url())
+            try:
+                return await self.capacity(own, account=account)
+            finally:
+                await own.close()
+        row = await accounts.get(conn, account)
+        queue_name = send_task_queue(self.settings.task_queue, account)
+        queue: QueueCapacity | None = None
+        queue_error = None
+        try:
+            view = await describe_queue(self.temporal, queue_name)
+            queue = QueueCapacity(
+                task_queue=queue_name,
+                rate_limit=view.rate_limit,
+                backlog=view.backlog,
+                backlog_age_seconds=view.backlog_age_seconds,
+                dispatch_rate=view.dispatch_rate,
+            )
+        except RPCError as exc:
+            queue_error = f"Temporal did not describe task queue {queue_name}: {exc.message}"
+        workflow_ids = await self._running_campaigns(CAPACITY_CAMPAIGNS + 1)
+        truncated = len(workflow_ids) > CAPACITY_CAMPAIGNS
+        workflow_ids = workflow_ids[:CAPACITY_CAMPAIGNS]
+        statuses = await self._statuses(workflow_ids)
+        read = [(wid, status) for wid, status in zip(workflow_ids, statuses, strict=True) if status]
+        total = sum(status.rate_per_second for _, status in read)
+
+        def share(rate: float) -> float:
+            return rate / total if total > 0 else 0.0
+
+        campaigns = [
+            CampaignCapacity(
+                workflow_id=wid,
+                campaign_id=status.campaign_id,
+                org=status.org,
+                state=status.state,
+                priority=status.controls.priority if status.controls else None,
+                emails_per_second=status.rate_per_second,
+                share=share(status.rate_per_second),
+                window=status.controls.window if status.controls else None,
+                in_flight_batches=status.in_flight_batches,
+                rate_limit=status.controls.rate_per_second if status.controls else None,
+                org_rate_cap=status.org_rate_cap,
+                account_rate=status.account_rate,
+                limited_by=limited_by(status),
+            )
+            for wid, status in read
+        ]
+        campaigns.sort(key=lambda c: (-c.emails_per_second, c.workflow_id))
+        by_org: dict[str, list[CampaignCapacity]] = {}
+        for campaign in campaigns:
+            by_org.setdefault(campaign.org, []).append(campaign)
+        org_rows = []
+        for org, members in by_org.items():
+            rate = sum(member.emails_per_second for member in members)
+            org_rows.append(
+                OrgCapacity(
+                    org=org,
+                    campaigns=len(members),
+                    emails_per_second=rate,
+                    share=share(rate),
+                    cap=await orgs.emails_per_second(conn, org),
+                    fairness_weight=await orgs.fairness_weight(conn, org),
+                )
+            )
+        org_rows.sort(key=lambda o: (-o.emails_per_second, o.org))
+        return Capacity(
+            at=datetime.now(UTC),
+            account=account_capacity(row) if row is not None else None,
+            queue=queue,
+            queue_error=queue_error,
+            campaigns=campaigns,
+            orgs=org_rows,
+            emails_per_second=total,
+            unreadable=[
+                wid for wid, status in zip(workflow_ids, statuses, strict=True) if not status
+            ],
+            truncated=truncated,
+        )
+
+    async def _running_campaigns(self, limit: int) -> builtins.list[str]:
+        """Workflow ids of running campaigns that send (``CampaignState = 'Running'``)."""
+        query = (
+            f"WorkflowType = '{WORKFLOW_TYPE}' AND ExecutionStatus = 'Running' "
+            f"AND CampaignState = '{CampaignState.RUNNING.value}'"
+        )
+        try:
+            async with asyncio.timeout(ANSWER_TIMEOUT_SECONDS):
+                return [
+                    execution.id
+                    async for execution in self.temporal.list_workflows(query, limit=limit)
+                ]
+        except TimeoutError:
+            raise CampaignClientError(
+                f"Temporal did not list the running campaigns within {ANSWER_TIMEOUT_SECONDS:.0f}s"
+            ) from None
+
+    async def _statuses(
+        self, workflow_ids: builtins.list[str]
+    ) -> builtins.list[CampaignStatus | None]:
+        """Each campaign's ``status`` query, at most ``_CAPACITY_CONCURRENCY`` at once;
+        None for one that did not answer in time (or closed meanwhile)."""
+        gate = asyncio.Semaphore(_CAPACITY_CONCURRENCY)
+
+        async def one(workflow_id: str) -> CampaignStatus | None:
+            async with gate:
+                handle = self.temporal.get_workflow_handle(workflow_id)
+                try:
+                    async with asyncio.timeout(CAPACITY_QUERY_SECONDS):
+                        return await handle.query(CampaignWorkflow.status)
+                except (
+                    TimeoutError,
+                    RPCError,
+                    WorkflowQueryFailedError,
+                    WorkflowQueryRejectedError,
+                    ValueError,
+                    TypeError,
+                ):
+                    return None
+
+        return builtins.list(await asyncio.gather(*(one(wid) for wid in workflow_ids)))
 
     async def _control(
         self, workflow_id: str, update: Callable[..., Any], *args: Any

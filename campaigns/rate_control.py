@@ -28,7 +28,6 @@ emails a request carries.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
 from campaigns.models import MAX_PROVIDER_BATCH
@@ -163,37 +162,3 @@ def decide(limits: Limits, state: Adaptive, window: Window) -> Decision:
 def decayed(previous: float, added: float, seconds: float) -> float:
     """A count decayed over ``RECENT_SECONDS`` after ``seconds``, plus ``added``."""
     return previous * math.exp(-max(seconds, 0.0) / RECENT_SECONDS) + added
-
-
-_NUMBER = re.compile(r"\s*(\d+(?:\.\d+)?)")
-_POLICY_WINDOW = re.compile(r"(?:^|;)\s*w\s*=\s*(\d+(?:\.\d+)?)")
-_POLICY_QUOTA = re.compile(r"(?:^|;)\s*q\s*=\s*(\d+(?:\.\d+)?)")
-
-
-def advertised_rate(limit: str | None, policy: str | None = None) -> float | None:
-    """Requests/s a provider advertises in ``ratelimit-limit`` / ``ratelimit-policy``.
-
-    ``ratelimit-policy: 50;w=1`` (or ``"name";q=50;w=1``) gives the window; without
-    one the window is a second, as Resend's limit is. Anything unreadable, zero or
-    absurd is None: the headers are the provider's text.
-    """
-    quota: float | None = None
-    window = 1.0
-    if policy:
-        first = policy.split(",")[0][:200]
-        window_match = _POLICY_WINDOW.search(first)
-        if window_match:
-            window = float(window_match.group(1))
-        quota_match = _POLICY_QUOTA.search(first) or _NUMBER.match(first)
-        if quota_match:
-            quota = float(quota_match.group(1))
-    if limit:
-        limit_match = _NUMBER.fullmatch(limit[:40].strip())
-        if limit_match:
-            quota = float(limit_match.group(1))
-    if quota is None or window <= 0:
-        return None
-    rate = quota / window
-    if not math.isfinite(rate) or not 0 < rate <= MAX_REQUESTS_PER_SECOND:
-        return None
-    return rate

@@ -8,10 +8,7 @@ once, counted at the simulator, and the summary must match the ledger.
 
 from __future__ import annotations
 
-import asyncio
-import os
 import signal
-import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -22,7 +19,6 @@ from temporalio.client import Client
 from campaigns.client import CampaignClient
 from campaigns.models import CampaignState
 from campaigns.settings import Settings
-from tests.conftest import TEST_API_KEY
 from tests.helpers import (
     SimulatorControl,
     addresses,
@@ -32,47 +28,7 @@ from tests.helpers import (
     make_spec,
     unique,
 )
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-class WorkerProcess:
-    """``python worker.py`` on its own task queue."""
-
-    def __init__(self, settings: Settings, task_queue: str, log_path: Path) -> None:
-        self.env = {
-            **os.environ,
-            "TEMPORAL_ADDRESS": settings.temporal_address,
-            "CAMPAIGNS_TASK_QUEUE": task_queue,
-            "DATABASE_URL": settings.database_url or "",
-            "PROVIDER_BASE_URL": settings.provider_base_url or "",
-            "PROVIDER_API_KEY": TEST_API_KEY,
-            "UNSUBSCRIBE_BASE_URL": settings.unsubscribe_base_url or "",
-            "UNSUBSCRIBE_SECRET": (
-                settings.unsubscribe_secret.get_secret_value()
-                if settings.unsubscribe_secret
-                else ""
-            ),
-            "WORKER_GRACEFUL_SHUTDOWN_SECONDS": "20",
-            "CAMPAIGNS_DATA_DIR": str(log_path.parent),
-            "LOG_FORMAT": "json",
-        }
-        self.log_path = log_path
-        self.process: asyncio.subprocess.Process | None = None
-
-    async def start(self) -> None:
-        log = self.log_path.open("ab")
-        self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "worker.py", cwd=ROOT, env=self.env, stdout=log, stderr=log
-        )
-
-    async def signal(self, signum: int) -> int:
-        assert self.process is not None
-        self.process.send_signal(signum)
-        return await asyncio.wait_for(self.process.wait(), timeout=60)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+from tests.worker_support import WorkerProcess
 
 
 @pytest.fixture

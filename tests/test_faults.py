@@ -23,7 +23,8 @@ from campaigns.client import CampaignClient
 from campaigns.models import CampaignState
 from campaigns.settings import Settings
 from tests.helpers import SimulatorControl, addresses, make_audience, make_org, make_spec
-from tests.test_crash_recovery import WorkerProcess, poll, worker_process  # noqa: F401
+from tests.test_crash_recovery import poll, worker_process  # noqa: F401
+from tests.worker_support import WorkerProcess
 
 MAX_QUIET_SECONDS = 15.0
 """Longest a campaign may stand still after the worker holding its activity died."""
@@ -127,7 +128,7 @@ async def test_a_worker_killed_in_a_database_step_stalls_the_campaign_for_second
         await campaigns.pause(spec.campaign_id)
 
     # prepare_campaign counts the audience: it waits on the lock. Pausing meanwhile
-    # keeps plan_batches from running once it is done.
+    # keeps the plan of its first page from running once it is done.
     handle = client.get_workflow_handle(spec.campaign_id)
     second = worker_process()
 
@@ -150,7 +151,7 @@ async def test_a_worker_killed_in_a_database_step_stalls_the_campaign_for_second
     )
     assert quiet < MAX_QUIET_SECONDS, f"prepare_campaign stood still {quiet:.1f}s"
 
-    # plan_batches pages the audience: resumed, it waits on the lock too.
+    # plan_sends pages the audience: resumed, it waits on the lock too.
     third = worker_process()
 
     async def resume() -> None:
@@ -160,9 +161,9 @@ async def test_a_worker_killed_in_a_database_step_stalls_the_campaign_for_second
         return (await sim.stats())["accepted_emails"] > 0
 
     quiet = await kill_while_holding(
-        settings.database_url or "", handle, "plan_batches", second, third, resume, sending
+        settings.database_url or "", handle, "plan_sends", second, third, resume, sending
     )
-    assert quiet < MAX_QUIET_SECONDS, f"plan_batches stood still {quiet:.1f}s"
+    assert quiet < MAX_QUIET_SECONDS, f"plan_sends stood still {quiet:.1f}s"
 
     result = await asyncio.wait_for(started_handles[0].result(), timeout=60)
     assert result.state is CampaignState.COMPLETED

@@ -104,6 +104,7 @@ def test_activities_register_under_the_names_the_workflows_schedule() -> None:
         for method in (
             PlanningActivities.prepare_campaign,
             PlanningActivities.plan_batches,
+            PlanningActivities.plan_sends,
             PlanningActivities.abandon_failed,
             SendingActivities.send_batch,
             ReputationActivities.read_engagement,
@@ -116,6 +117,7 @@ def test_activities_register_under_the_names_the_workflows_schedule() -> None:
         == {
             contract.PREPARE_CAMPAIGN,
             contract.PLAN_BATCHES,
+            contract.PLAN_SENDS,
             contract.ABANDON_FAILED,
             contract.SEND_BATCH,
             contract.READ_ENGAGEMENT,
@@ -124,6 +126,7 @@ def test_activities_register_under_the_names_the_workflows_schedule() -> None:
         == {
             "prepare_campaign",
             "plan_batches",
+            "plan_sends",
             "abandon_failed",
             "send_batch",
             "read_engagement",
@@ -134,7 +137,13 @@ def test_activities_register_under_the_names_the_workflows_schedule() -> None:
 
 # Which product modules each room may import (prefixes; a room may always import
 # itself). ARCHITECTURE.md draws the same picture.
-_PURE = ("campaigns.models", "campaigns.addresses", "campaigns.safe_text", "campaigns.templates")
+_PURE = (
+    "campaigns.models",
+    "campaigns.addresses",
+    "campaigns.safe_text",
+    "campaigns.templates",
+    "campaigns.rate_control",
+)
 _ALLOWED: dict[str, tuple[str, ...]] = {
     "workflows": ("campaigns.models", "campaigns.contract", "campaigns.search_attributes"),
     "campaigns.store": _PURE,
@@ -151,6 +160,7 @@ _DOMAIN = (
     "campaigns.first_party",
     "campaigns.audience_import",
     "campaigns.search_attributes",
+    "campaigns.rate_control",
 )
 _ABOVE_DOMAIN = ("activities", "workflows", "worker", "campaigns.cli", "campaigns.client",
                  "campaigns.stack", "campaigns.demo", "campaigns.schedules", "campaigns.settings",

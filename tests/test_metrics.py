@@ -43,7 +43,7 @@ from tests.helpers import (
     unique,
 )
 from tests.test_compose import dashboard_queries
-from tests.test_crash_recovery import ROOT, WorkerProcess
+from tests.worker_support import ROOT, WorkerProcess
 
 PROMETHEUS = "/usr/bin/prometheus"
 

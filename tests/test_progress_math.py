@@ -50,9 +50,23 @@ def test_details_say_paused_without_a_rate_and_name_the_limits() -> None:
     assert "**Paused** · 40% of 10" in paused
     assert "paused: no batch starts until it is resumed" in paused
     assert "emails/s" not in paused and "ETA" not in paused
-    assert "window 8 · rate limit 250/s" in paused
+    assert "priority 3 · window 8 · rate limit 250/s" in paused
+    assert "org-cap share" not in paused and "account" not in paused
     running = details_text(
         status(total=10, rate_per_second=12.0, eta_seconds=30.0, last_error="HTTP 500"), 5
     )
     assert "12 emails/s over the last 30s · ETA 30s" in running
     assert running.endswith("last error: HTTP 500")
+
+
+def test_details_name_the_priority_the_org_cap_share_and_the_account_rate() -> None:
+    controls = CampaignControls(window=4, priority=1)
+    text = details_text(
+        status(total=10, controls=controls, org_rate_cap=12.5, account_rate=40.0), 50
+    )
+    assert "priority 1 · window 4 · rate limit none · org-cap share 12.5/s · account 40 " in text
+    assert "requests/s" in text
+    only_account = details_text(status(controls=controls, account_rate=0.333), 0)
+    assert only_account.endswith(
+        "priority 1 · window 4 · rate limit none · account 0.33 requests/s"
+    )

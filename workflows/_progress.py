@@ -59,6 +59,10 @@ def _paused_text(status: CampaignStatus) -> str:
 
 def details_text(status: CampaignStatus, percent: int) -> str:
     """The Markdown the Web UI shows as the workflow's current details."""
+
+    def per_second(value: float) -> str:
+        return f"{value:,.2f}".rstrip("0").rstrip(".")
+
     counts, controls = status.counts, status.controls
     lines = [
         f"**{status.state.value}** · {percent}% of {status.total:,} · round {status.round}",
@@ -72,7 +76,12 @@ def details_text(status: CampaignStatus, percent: int) -> str:
     ]
     if controls is not None:
         limit = f"{controls.rate_per_second:,.0f}/s" if controls.rate_per_second else "none"
-        lines.append(f"window {controls.window} · rate limit {limit}")
+        line = f"priority {controls.priority} · window {controls.window} · rate limit {limit}"
+        if status.org_rate_cap is not None:
+            line += f" · org-cap share {per_second(status.org_rate_cap)}/s"
+        if status.account_rate is not None:
+            line += f" · account {per_second(status.account_rate)} requests/s"
+        lines.append(line)
     if status.last_error:
         lines.append(f"last error: {status.last_error}")
     return "\n\n".join(lines)

@@ -20,6 +20,10 @@ Every activity of the campaign is scheduled with a task-queue ``Priority``: the
 campaign's current priority, its org as the fairness key and the org's fairness weight
 (see ``workflows._priority``), so a backlogged queue serves priority 1 first and shares
 each priority level among orgs by weight.
+
+Batches run on the provider account's task queue (``CampaignPlan.send_task_queue``),
+whose Temporal rate limit is the account's shared rate: the campaign paces only to its
+own rate and its share of its org's cap, both from each ``plan_sends``.
 """
 
 from __future__ import annotations
@@ -101,9 +105,11 @@ DATABASE_STEP = workflow.ActivityConfig(
 )
 # Infrastructure faults (database, worker crash, network) retry until they clear; a
 # dead worker's batch is noticed within the heartbeat timeout and resumed elsewhere.
+# The batch heartbeats from a task of its own (a third of the timeout), so a short
+# timeout costs little and gives a dead worker's share of the window back in seconds.
 BATCH_STEP = workflow.ActivityConfig(
     start_to_close_timeout=timedelta(minutes=10),
-    heartbeat_timeout=timedelta(seconds=10),
+    heartbeat_timeout=timedelta(seconds=4),
     retry_policy=RetryPolicy(
         initial_interval=timedelta(seconds=1),
         backoff_coefficient=2.0,

@@ -33,8 +33,10 @@ from campaigns.cli._campaign import (
     cmd_throttle,
     cmd_validate,
 )
+from campaigns.cli._capacity import cmd_account_set, cmd_account_show, cmd_capacity
 from campaigns.cli._data import (
     MAX_ORG_NAME,
+    Limit,
     cmd_audience_import,
     cmd_audience_list,
     cmd_migrate,
@@ -60,6 +62,7 @@ from campaigns.models import (
     fairness_weight_problem,
     priority_problem,
 )
+from campaigns.rate_control import MAX_EMAILS_PER_SECOND, MAX_REQUESTS_PER_SECOND, limit_problem
 from campaigns.safe_text import control_character_problem
 from campaigns.settings import Settings
 from campaigns.spec_check import InvalidSpec
@@ -92,6 +95,11 @@ FAIRNESS_WEIGHT_HELP = (
     "the org's share of the workers among orgs sending at the same priority "
     "(default 1; 0.001 to 1000): weight 2 gets twice the batches of weight 1; "
     "applies to campaigns started afterwards"
+)
+ORG_CAP_HELP = (
+    "the most emails per second all the org's campaigns send together, shared equally "
+    f"by those sending (above 0, at most {MAX_EMAILS_PER_SECOND:,.0f}), or none to remove "
+    "the cap; running campaigns take it at their next plan"
 )
 
 
@@ -188,6 +196,33 @@ def fairness_weight_arg(value: str) -> float:
     if fairness_weight_problem(weight) is not None:
         raise argparse.ArgumentTypeError(f"{_shown(value)} is not {FAIRNESS_WEIGHT_RANGE}")
     return weight
+
+
+def _limit_arg(unit: str, maximum: float) -> Callable[[str], Limit]:
+    """A configured limit (``--requests-per-second``, ``--emails-per-second``): a finite
+    number above 0 and at most ``maximum`` (``rate_control.limit_problem``), or ``none``
+    to remove the limit."""
+
+    def check(value: str) -> Limit:
+        if value.strip().lower() == "none":
+            return Limit(None)
+        try:
+            number: object = float(value)
+        except ValueError:
+            number = value
+        problem = limit_problem(unit, number, maximum)
+        if problem is None:
+            assert isinstance(number, float)
+            return Limit(number)
+        if isinstance(number, str):  # the problem names no range: say it
+            problem += f": give a finite number above 0 and at most {maximum:,.0f}"
+        raise argparse.ArgumentTypeError(f"{problem}, or none to remove the limit")
+
+    return check
+
+
+requests_limit_arg = _limit_arg("requests/s", MAX_REQUESTS_PER_SECOND)
+emails_limit_arg = _limit_arg("emails/s", MAX_EMAILS_PER_SECOND)
 
 
 def _int_in(low: int, high: int) -> Callable[[str], int]:
@@ -294,16 +329,53 @@ def _parser() -> argparse.ArgumentParser:
         "--verified-domain", type=domain_arg, help="the org's own verified sending domain"
     )
     sub.add_argument("--fairness-weight", type=fairness_weight_arg, help=FAIRNESS_WEIGHT_HELP)
-    sub = add("set", cmd_org_set, "change an existing org's settings", group)
-    sub.add_argument("org_id", metavar="ORG", type=org_id_arg)
     sub.add_argument(
-        "--fairness-weight", type=fairness_weight_arg, required=True, help=FAIRNESS_WEIGHT_HELP
+        "--emails-per-second", type=emails_limit_arg, metavar="N|none", help=ORG_CAP_HELP
+    )
+    sub = add("set", cmd_org_set, "change an existing org's settings (give one or both)", group)
+    sub.add_argument("org_id", metavar="ORG", type=org_id_arg)
+    sub.add_argument("--fairness-weight", type=fairness_weight_arg, help=FAIRNESS_WEIGHT_HELP)
+    sub.add_argument(
+        "--emails-per-second", type=emails_limit_arg, metavar="N|none", help=ORG_CAP_HELP
     )
     sub = add("flag", cmd_org_flag, "set an org's feature flag", group)
     sub.add_argument("org_id", metavar="ORG", type=org_id_arg)
     sub.add_argument("flag", metavar="FLAG", type=flag_arg, help="e.g. first_party")
     sub.add_argument("state", choices=["on", "off"])
     add("list", cmd_org_list, "list orgs", group)
+    group = add("account", None, "the provider account's send limits, shared by every campaign")
+    group = group.add_subparsers(dest="account_command", required=True)
+    add("show", cmd_account_show, "the account's configured limits and its rate now", group)
+    sub = add(
+        "set",
+        cmd_account_set,
+        "change the account's limits (an option left out keeps its value) and set the "
+        "new rate on its task queue at once",
+        group,
+    )
+    sub.add_argument(
+        "--requests-per-second",
+        type=requests_limit_arg,
+        metavar="N|none",
+        help=f"provider requests per second at most (above 0, at most "
+        f"{MAX_REQUESTS_PER_SECOND:,.0f}), or none to remove the limit",
+    )
+    sub.add_argument(
+        "--emails-per-second",
+        type=emails_limit_arg,
+        metavar="N|none",
+        help=f"emails per second at most over all requests (above 0, at most "
+        f"{MAX_EMAILS_PER_SECOND:,.0f}), or none to remove the limit",
+    )
+    sub = add(
+        "capacity",
+        cmd_capacity,
+        "the account's limits and rate, its task queue, and each running campaign's and "
+        "org's share",
+    )
+    view = sub.add_mutually_exclusive_group()
+    view.add_argument("--json", action="store_true", help="print one snapshot as JSON")
+    view.add_argument("--watch", action="store_true", help="refresh every second until Ctrl-C")
     group = add("audience", None, "audiences").add_subparsers(dest="aud_command", required=True)
     sub = add(
         "import",

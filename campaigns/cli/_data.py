@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from argparse import Namespace
+from dataclasses import dataclass
 
 from rich.console import Console
 from rich.table import Table
@@ -12,12 +13,26 @@ from campaigns import store
 from campaigns.addresses import is_valid_address, normalize_address
 from campaigns.audience_import import ImportReport, import_audience
 from campaigns.cli._campaign import CommandError
-from campaigns.cli._progress import literal
+from campaigns.cli._progress import literal, rate_text
 from campaigns.settings import Settings
 from campaigns.store import audiences, orgs
 
 MAX_ORG_NAME = 200
 """Longest org display name, in characters."""
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """A limit given on the command line: a number, or None for ``none`` (no limit).
+
+    An option left out is None itself, so "keep it" and "remove it" differ.
+    """
+
+    value: float | None
+
+
+def _cap_text(cap: float | None) -> str:
+    return rate_text(cap, "emails/s", "none")
 
 
 async def cmd_migrate(args: Namespace, settings: Settings, console: Console) -> int:
@@ -35,39 +50,68 @@ async def cmd_migrate(args: Namespace, settings: Settings, console: Console) -> 
     return 0
 
 
+CAP_APPLIES = "shared by its sending campaigns, from their next plan"
+
+
 async def cmd_org_add(args: Namespace, settings: Settings, console: Console) -> int:
-    """``campaigns org add ID [--name NAME] [--verified-domain DOMAIN] [--fairness-weight W]``
-    (idempotent)."""
+    """``campaigns org add ID [--name NAME] [--verified-domain DOMAIN] [--fairness-weight W]
+    [--emails-per-second N|none]`` (idempotent)."""
+    cap: Limit | None = args.emails_per_second
     conn = await store.connect(settings.require_database_url())
     try:
-        await orgs.upsert(
-            conn,
-            args.org_id,
-            name=args.name,
-            verified_domain=args.verified_domain,
-            fairness_weight=args.fairness_weight,
-        )
+        async with conn.transaction():
+            await orgs.upsert(
+                conn,
+                args.org_id,
+                name=args.name,
+                verified_domain=args.verified_domain,
+                fairness_weight=args.fairness_weight,
+            )
+            if cap is not None:
+                await orgs.set_emails_per_second(conn, args.org_id, cap.value)
     finally:
         await conn.close()
     console.print(Text.assemble("org ", literal(args.org_id, "bold"), " ready"))
+    if cap is not None:
+        console.print(f"  emails/s cap {_cap_text(cap.value)} ({CAP_APPLIES})")
     return 0
 
 
 async def cmd_org_set(args: Namespace, settings: Settings, console: Console) -> int:
-    """``campaigns org set ORG --fairness-weight W``: for campaigns started afterwards."""
+    """``campaigns org set ORG [--fairness-weight W] [--emails-per-second N|none]``: the
+    weight applies to campaigns started afterwards, the cap at the next plan."""
+    cap: Limit | None = args.emails_per_second
+    if args.fairness_weight is None and cap is None:
+        raise CommandError("give --fairness-weight or --emails-per-second", code=2)
     conn = await store.connect(settings.require_database_url())
     try:
-        if not await orgs.set_fairness_weight(conn, args.org_id, args.fairness_weight):
-            raise CommandError(f"unknown org '{args.org_id}' (add it with `campaigns org add`)", 2)
+        async with conn.transaction():
+            if not await orgs.exists(conn, args.org_id):
+                raise CommandError(
+                    f"unknown org '{args.org_id}' (add it with `campaigns org add`)", 2
+                )
+            if args.fairness_weight is not None:
+                await orgs.set_fairness_weight(conn, args.org_id, args.fairness_weight)
+            if cap is not None:
+                await orgs.set_emails_per_second(conn, args.org_id, cap.value)
     finally:
         await conn.close()
-    console.print(
-        Text.assemble(
-            "org ",
-            literal(args.org_id, "bold"),
-            f": fairness weight {args.fairness_weight:g} (campaigns started from now on)",
+    if args.fairness_weight is not None:
+        console.print(
+            Text.assemble(
+                "org ",
+                literal(args.org_id, "bold"),
+                f": fairness weight {args.fairness_weight:g} (campaigns started from now on)",
+            )
         )
-    )
+    if cap is not None:
+        console.print(
+            Text.assemble(
+                "org ",
+                literal(args.org_id, "bold"),
+                f": emails/s cap {_cap_text(cap.value)} ({CAP_APPLIES})",
+            )
+        )
     return 0
 
 
@@ -93,11 +137,15 @@ async def cmd_org_list(args: Namespace, settings: Settings, console: Console) ->
         rows = await orgs.list_all(conn)
     finally:
         await conn.close()
-    table = Table("org", "name", "audiences", "fairness weight")
+    table = Table("org", "name", "audiences", "fairness weight", "emails/s cap")
     for org in rows:
         # rows written by SQL or older versions may hold anything, markup included
         table.add_row(
-            literal(org.id), literal(org.name), str(org.audiences), f"{org.fairness_weight:g}"
+            literal(org.id),
+            literal(org.name),
+            str(org.audiences),
+            f"{org.fairness_weight:g}",
+            rate_text(org.emails_per_second),
         )
     console.print(table)
     return 0

@@ -13,6 +13,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 from rich.table import Table
 from rich.text import Text
 
+from campaigns.client import LimitedBy, limited_by
 from campaigns.models import CampaignState, CampaignStatus
 
 # Controls other than line break and tab: escape sequences could recolour or rewrite
@@ -33,6 +34,59 @@ def literal(value: object, style: str = "") -> Text:
     style the output or crash it (rich reads markup only in ``str``, never in ``Text``).
     """
     return Text(_UNPRINTABLE.sub(_visible_escape, str(value)), style=style)
+
+
+def rate_text(value: float | None, unit: str = "", none: str = "none") -> str:
+    """A rate for people, to about three figures: ``1,250``, ``12.5``, ``0.33``."""
+    if value is None:
+        return none
+    decimals = 0 if abs(value) >= 100 else 1 if abs(value) >= 10 else 2
+    text = f"{value:,.{decimals}f}"
+    if decimals:
+        text = text.rstrip("0").rstrip(".")
+    return f"{text} {unit}".rstrip()
+
+
+def limit_text(
+    verdict: LimitedBy,
+    *,
+    window: int | None,
+    in_flight: int,
+    rate_limit: float | None,
+    org_rate_cap: float | None,
+    account_rate: float | None,
+) -> str:
+    """``limited_by``'s verdict with the number behind it: ``org cap (30 emails/s)``."""
+    if verdict == "window":
+        return f"window ({in_flight} of {window} batches in flight)"
+    if verdict == "its rate":
+        return f"its rate ({rate_text(rate_limit, 'emails/s')})"
+    if verdict == "org cap":
+        return f"org cap (its share {rate_text(org_rate_cap, 'emails/s')})"
+    if verdict == "account":
+        return f"account ({rate_text(account_rate, 'requests/s')})"
+    return verdict
+
+
+def limits_line(status: CampaignStatus) -> str:
+    """The rates that may hold the campaign back, and which one does: ``org-cap share
+    30 emails/s  account 45 requests/s  limited by: org cap (its share 30 emails/s)``."""
+    controls = status.controls
+    parts = [
+        f"org-cap share {rate_text(status.org_rate_cap, 'emails/s')}",
+        f"account {rate_text(status.account_rate, 'requests/s')}",
+    ]
+    if status.state in (CampaignState.RUNNING, CampaignState.PAUSED):
+        verdict = limit_text(
+            limited_by(status),
+            window=controls.window if controls is not None else None,
+            in_flight=status.in_flight_batches,
+            rate_limit=controls.rate_per_second if controls is not None else None,
+            org_rate_cap=status.org_rate_cap,
+            account_rate=status.account_rate,
+        )
+        parts.append(f"limited by: {verdict}")
+    return "  ".join(parts)
 
 
 def _eta(seconds: float | None) -> str:
@@ -77,6 +131,8 @@ def status_line(status: CampaignStatus) -> Text:
             line.append(f"  sends at {controls.send_at.isoformat()}")
     if status.runs > 1:
         line.append(f"  runs {status.runs}")
+    if controls is not None:
+        line.append(f"\n{limits_line(status)}")
     if status.last_error:
         line.append("\nlast error: ", style="red")
         line.append_text(literal(status.last_error, "red"))
@@ -119,6 +175,8 @@ async def watch(
                 break
             await asyncio.sleep(interval)
             status = await fetch()
+    if not console.is_terminal:  # Live ends its last render without a line break there
+        console.line()
     return status
 
 

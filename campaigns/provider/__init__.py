@@ -10,6 +10,7 @@ from campaigns.provider._client import (
     ProviderConfigError,
     ProviderReply,
     ReplyKind,
+    advertised_rate,
     classify_answer,
     request_key,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "ProviderConfigError",
     "ProviderReply",
     "ReplyKind",
+    "advertised_rate",
     "classify_answer",
     "request_key",
 ]

@@ -36,7 +36,6 @@ import orjson
 from pydantic import SecretStr
 
 from campaigns.provider._transport import asyncio_transport
-from campaigns.rate_control import advertised_rate
 from campaigns.safe_text import bounded as bounded_text
 
 MAX_ANSWER_BYTES = 1024 * 1024
@@ -291,6 +290,44 @@ def classify_answer(answer: Answer, expected: int) -> ProviderReply:
     # 5xx, 409 concurrent_idempotent_requests (the first is still in progress), and
     # anything else we do not know.
     return ProviderReply(ReplyKind.SOFT_FAILURE, error=error, code=code)
+
+
+_NUMBER = re.compile(r"\s*(\d+(?:\.\d+)?)")
+_POLICY_WINDOW = re.compile(r"(?:^|;)\s*w\s*=\s*(\d+(?:\.\d+)?)")
+_POLICY_QUOTA = re.compile(r"(?:^|;)\s*q\s*=\s*(\d+(?:\.\d+)?)")
+
+
+MAX_ADVERTISED_RATE = 100_000.0
+"""Above this many requests/s an advertised limit is taken as nonsense."""
+
+
+def advertised_rate(limit: str | None, policy: str | None = None) -> float | None:
+    """Requests/s a provider advertises in ``ratelimit-limit`` / ``ratelimit-policy``.
+
+    ``ratelimit-policy: 50;w=1`` (or ``"name";q=50;w=1``) gives the window; without
+    one the window is a second, as Resend's limit is. Anything unreadable, zero or
+    absurd is None: the headers are the provider's text.
+    """
+    quota: float | None = None
+    window = 1.0
+    if policy:
+        first = policy.split(",")[0][:200]
+        window_match = _POLICY_WINDOW.search(first)
+        if window_match:
+            window = float(window_match.group(1))
+        quota_match = _POLICY_QUOTA.search(first) or _NUMBER.match(first)
+        if quota_match:
+            quota = float(quota_match.group(1))
+    if limit:
+        limit_match = _NUMBER.fullmatch(limit[:40].strip())
+        if limit_match:
+            quota = float(limit_match.group(1))
+    if quota is None or window <= 0:
+        return None
+    rate = quota / window
+    if not math.isfinite(rate) or not 0 < rate <= MAX_ADVERTISED_RATE:
+        return None
+    return rate
 
 
 # -- I/O ---------------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 Every statement the product runs is in this package, one module per room of the
 schema: ``ledger`` (deliveries and provider requests), ``audiences``, ``orgs``,
-``campaigns``, ``first_party``, ``templates``; with the pool (``connect``,
-``create_pool``) and the versioned migrations (``migrate``).
+``campaigns``, ``first_party``, ``templates``, ``accounts`` (provider accounts and
+their shared rate) and the others; with the pool (``connect``, ``create_pool``) and the
+versioned migrations (``migrate``).
 """
 
 from campaigns.store._pool import Conn, connect, create_pool

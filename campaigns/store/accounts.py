@@ -24,9 +24,14 @@ from campaigns.rate_control import (
 from campaigns.store._pool import Conn
 
 DEFAULT_ACCOUNT = "default"
+ADVERTISED_FOR_SECONDS = 10.0
+"""An advertised limit counts this long after the last answer that said it: a provider
+that stops sending the headers (or a stale answer) does not hold the ceiling."""
 
 _COLUMNS = """id, requests_per_second, emails_per_second, current_rps, throttled_at_rps,
-       advertised_rps, applied_rps,
+       CASE WHEN advertised_at > now() - make_interval(secs => $3) THEN advertised_rps
+       END AS advertised_rps,
+       applied_rps,
        extract(epoch FROM now() - last_decrease_at)::float8 AS since_decrease,
        extract(epoch FROM now() - applied_at)::float8 AS since_applied,
        extract(epoch FROM now() - window_started_at)::float8 AS window_seconds,
@@ -39,7 +44,8 @@ _LOCK = f"SELECT {_COLUMNS} FROM provider_accounts WHERE id = $1 FOR UPDATE"
 _ADD = """UPDATE provider_accounts SET
               window_answered = window_answered + $2,
               window_throttled = window_throttled + $3,
-              advertised_rps = coalesce($4, advertised_rps)
+              advertised_rps = coalesce($4, advertised_rps),
+              advertised_at = CASE WHEN $4::float8 IS NULL THEN advertised_at ELSE now() END
           WHERE id = $1"""
 _DECIDED = """UPDATE provider_accounts SET
                   current_rps = $2, throttled_at_rps = $3,
@@ -54,6 +60,7 @@ _DECIDED = """UPDATE provider_accounts SET
 _SET_LIMITS = """UPDATE provider_accounts SET
                      requests_per_second = $2, emails_per_second = $3,
                      current_rps = NULL, throttled_at_rps = NULL, last_decrease_at = NULL,
+                     advertised_rps = NULL, advertised_at = NULL,
                      updated_at = now()
                  WHERE id = $1 RETURNING id"""
 _APPLIED = """UPDATE provider_accounts SET applied_rps = $2, applied_at = now()
@@ -113,7 +120,7 @@ def _account(row: asyncpg.Record) -> Account:
 
 async def get(conn: Conn, account_id: str = DEFAULT_ACCOUNT) -> Account | None:
     """The account, or None if there is none by that id."""
-    row = await conn.fetchrow(_GET, account_id, RECENT_SECONDS)
+    row = await conn.fetchrow(_GET, account_id, RECENT_SECONDS, ADVERTISED_FOR_SECONDS)
     return _account(row) if row else None
 
 
@@ -126,7 +133,8 @@ async def set_limits(
 ) -> bool:
     """Set both configured limits (None: no limit); False if there is no such account.
 
-    The adaptive rate starts again from the new ceiling. Ranges are checked by the
+    The adaptive rate starts again from the new ceiling, forgetting what the provider
+    advertised (its next answer tells again). Ranges are checked by the
     callers (``campaigns.rate_control.limit_problem``) and by the table's CHECKs.
     """
     row = await conn.fetchval(_SET_LIMITS, account_id, requests_per_second, emails_per_second)
@@ -148,7 +156,7 @@ async def report(
     """
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute(_ADD, account_id, answered, throttled, advertised)
-        row = await conn.fetchrow(_LOCK, account_id, RECENT_SECONDS)
+        row = await conn.fetchrow(_LOCK, account_id, RECENT_SECONDS, ADVERTISED_FOR_SECONDS)
         if row is None:
             return None
         account = _account(row)
@@ -165,7 +173,7 @@ async def report(
             float(account.window.throttled),
             RECENT_SECONDS,
         )
-        row = await conn.fetchrow(_GET, account_id, RECENT_SECONDS)
+        row = await conn.fetchrow(_GET, account_id, RECENT_SECONDS, ADVERTISED_FOR_SECONDS)
         assert row is not None  # locked by this transaction
         return _account(row)
 

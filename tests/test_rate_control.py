@@ -1,0 +1,155 @@
+"""The shared rate's decisions (pure): ceiling, decrease on 429s, increase, headers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from campaigns.provider import advertised_rate
+from campaigns.rate_control import (
+    MAX_REQUESTS_PER_SECOND,
+    Adaptive,
+    Limits,
+    Window,
+    decide,
+    limit_problem,
+)
+
+
+def busy(rate: float, seconds: float = 0.5, throttled: int = 0) -> Window:
+    """A window in which the account answered ``rate`` requests/s."""
+    return Window(seconds=seconds, answered=round(rate * seconds), throttled=throttled)
+
+
+def test_the_ceiling_is_the_tightest_of_requests_and_emails() -> None:
+    assert Limits().ceiling() is None and not Limits().limited
+    assert Limits(requests_per_second=50).ceiling() == 50
+    assert Limits(emails_per_second=2_000).ceiling() == 20  # full requests of 100
+    assert Limits(requests_per_second=50, emails_per_second=2_000).ceiling() == 20
+
+
+def test_an_unlimited_account_has_no_rate() -> None:
+    decision = decide(Limits(), Adaptive(current=10), busy(10, throttled=5))
+    assert decision.current is None and not decision.decreased
+
+
+def test_the_first_decision_starts_at_the_ceiling() -> None:
+    assert decide(Limits(50), Adaptive(), busy(0)).current == 50
+
+
+def test_429s_bring_the_rate_just_under_what_the_provider_accepted() -> None:
+    # 80 requests/s asked, the provider took 50 of them a second.
+    decision = decide(Limits(100), Adaptive(current=80), Window(1.0, 50, 30))
+    assert decision.decreased
+    assert decision.throttled_at == 50
+    assert decision.current == pytest.approx(47.5)
+
+
+def test_a_decrease_is_at_least_a_tenth_and_at_most_a_half() -> None:
+    small = decide(Limits(100), Adaptive(current=50), Window(1.0, 49, 1))
+    assert small.current == pytest.approx(45)  # 0.9 x 50, though 0.95 x 49 is higher
+    collapse = decide(Limits(100), Adaptive(current=80), Window(1.0, 2, 40))
+    assert collapse.current == pytest.approx(40)  # half, though it accepted 2/s
+
+
+def test_decreases_are_spaced_a_second_apart() -> None:
+    state = Adaptive(current=40, since_decrease=0.5)
+    decision = decide(Limits(100), state, Window(0.5, 10, 5))
+    assert not decision.decreased and decision.current == 40
+    assert decision.throttled_at == 20  # still learnt
+
+
+def test_an_idle_account_does_not_probe() -> None:
+    decision = decide(Limits(100), Adaptive(current=30), busy(5))
+    assert decision.current == 30
+
+
+def test_probing_is_fast_far_below_the_last_429_and_slow_near_it() -> None:
+    back = decide(Limits(100), Adaptive(current=20, throttled_at=50), busy(20))
+    assert back.current == pytest.approx(25)  # x1.25 towards 47.5
+    near = decide(Limits(100), Adaptive(current=48, throttled_at=50), busy(48))
+    assert near.current == pytest.approx(48.5)  # 1% of the ceiling a second, for 0.5 s
+
+
+def test_far_past_the_last_429_the_provider_is_taken_to_allow_more() -> None:
+    decision = decide(Limits(100), Adaptive(current=64.9, throttled_at=50), busy(64.9))
+    assert decision.throttled_at is None
+    fast = decide(Limits(100), Adaptive(current=40), busy(40))
+    assert fast.current == pytest.approx(40 * 1.25 + 0.5)
+
+
+def test_the_rate_stays_between_its_floor_and_ceiling() -> None:
+    assert decide(Limits(100), Adaptive(current=99), busy(99)).current == 100
+    floor = decide(Limits(100), Adaptive(current=2.1, since_decrease=5), Window(1.0, 0, 9))
+    assert floor.current == 2  # 2% of the ceiling
+
+
+def test_an_advertised_limit_is_the_ceiling_and_trusted_when_calm() -> None:
+    calm = decide(Limits(100), Adaptive(current=20, advertised=80), busy(20))
+    assert calm.current == 80
+    lower = decide(Limits(100), Adaptive(current=50, advertised=20), busy(50))
+    assert lower.current == 20
+    recent_429 = Adaptive(current=20, advertised=80, throttled_at=20, since_decrease=2)
+    assert decide(Limits(100), recent_429, busy(20)).current == pytest.approx(20.4)  # 1% of 80
+    above_config = decide(Limits(30), Adaptive(current=20, advertised=80), busy(20))
+    assert above_config.current == 30
+
+
+def test_converges_on_a_provider_limit_with_few_429s() -> None:
+    """A little provider model: 50 requests/s with a bucket of 50, ticks of 0.5 s."""
+    state, tokens, throttled, answered = Adaptive(current=100), 50.0, 0, 0
+    for tick in range(600):
+        rate = state.current or 100
+        asked = rate * 0.5
+        tokens = min(50.0, tokens + 25)
+        ok = min(asked, tokens)
+        tokens -= ok
+        window = Window(0.5, round(ok), round(asked - ok))
+        if tick >= 100:
+            answered += window.answered
+            throttled += window.throttled
+        since = (state.since_decrease or 99) + 0.5
+        decision = decide(
+            Limits(100), Adaptive(state.current, state.throttled_at, None, since), window
+        )
+        state = Adaptive(
+            decision.current, decision.throttled_at, None, 0.0 if decision.decreased else since
+        )
+    assert answered / 250 >= 0.95 * 50  # 250 s measured
+    assert throttled / (answered + throttled) < 0.02
+
+
+@pytest.mark.parametrize(
+    ("limit", "policy", "expected"),
+    [
+        ("50", None, 50.0),
+        ("2", None, 2.0),
+        ("100", "100;w=60", 100 / 60),
+        (None, "10;w=1", 10.0),
+        (None, '"default";q=30;w=2', 15.0),
+        ("2.5", None, 2.5),
+        ("0", None, None),
+        ("lots", None, None),
+        ("1e9", None, None),
+        ("5", "5;w=0", None),
+        (None, None, None),
+        ("9" * 500, None, None),
+    ],
+)
+def test_advertised_rate_reads_ratelimit_headers(
+    limit: str | None, policy: str | None, expected: float | None
+) -> None:
+    rate = advertised_rate(limit, policy)
+    assert rate == (pytest.approx(expected) if expected is not None else None)
+
+
+@pytest.mark.parametrize("value", [0, -1, math.nan, math.inf, 1e12, "50", True, None])
+def test_a_limit_must_be_finite_and_positive(value: object) -> None:
+    problem = limit_problem("requests_per_second", value, MAX_REQUESTS_PER_SECOND)
+    assert problem is not None and problem.startswith("requests_per_second must be")
+
+
+def test_a_good_limit_has_no_problem() -> None:
+    assert limit_problem("requests_per_second", 2, MAX_REQUESTS_PER_SECOND) is None
+    assert limit_problem("requests_per_second", 0.5, MAX_REQUESTS_PER_SECOND) is None
