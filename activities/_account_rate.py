@@ -102,10 +102,8 @@ class AccountRate:
         stale = account.since_applied is None or account.since_applied > REAPPLY_SECONDS
         if target != account.applied_rps or (target is not None and stale):
             await self._apply(target)
-        ceiling = account.limits.ceiling()
+        ceiling = account.ceiling_rps
         if target is not None and ceiling is not None:
-            if account.adaptive.advertised is not None:
-                ceiling = min(ceiling, account.adaptive.advertised)
             metrics.worker().account_rate(self._account, target, ceiling)
 
     async def _apply(self, rps: float | None) -> None:

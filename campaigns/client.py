@@ -228,12 +228,11 @@ class Capacity(BaseModel):
 
 def account_capacity(account: accounts.Account) -> AccountCapacity:
     """What ``capacity`` shows of an account row."""
-    configured = account.limits.ceiling()
+    configured, ceiling = account.limits.ceiling(), account.ceiling_rps
     advertised = account.adaptive.advertised
-    ceiling = configured
-    source: Literal["configured", "advertised"] | None = "configured" if configured else None
-    if configured is not None and advertised is not None and advertised < configured:
-        ceiling, source = advertised, "advertised"
+    source: Literal["configured", "advertised"] | None = None
+    if ceiling is not None:
+        source = "advertised" if configured is not None and ceiling < configured else "configured"
     return AccountCapacity(
         id=account.id,
         requests_per_second=account.limits.requests_per_second,

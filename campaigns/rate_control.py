@@ -120,13 +120,20 @@ def limit_problem(name: str, value: object, maximum: float) -> str | None:
     return None
 
 
+def ceiling_with(limits: Limits, advertised: float | None) -> float | None:
+    """The most the rate may reach: the configured ceiling, lowered to what the provider
+    advertises; None when the account has no limit (an advertised one alone is none)."""
+    ceiling = limits.ceiling()
+    if ceiling is None or advertised is None:
+        return ceiling
+    return min(ceiling, advertised)
+
+
 def decide(limits: Limits, state: Adaptive, window: Window) -> Decision:
     """The account's rate after ``window``; see the module docstring for the rules."""
-    ceiling = limits.ceiling()
+    ceiling = ceiling_with(limits, state.advertised)
     if ceiling is None:
         return Decision(current=None, throttled_at=None)
-    if state.advertised is not None:
-        ceiling = min(ceiling, state.advertised)
     floor = min(ceiling, max(MIN_RATE, ceiling * FLOOR_SHARE))
     current = min(state.current if state.current is not None else ceiling, ceiling)
     throttled_at = state.throttled_at

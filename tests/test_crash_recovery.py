@@ -28,26 +28,15 @@ from tests.helpers import (
     make_spec,
     unique,
 )
-from tests.worker_support import WorkerProcess
+from tests.worker_support import WorkerProcess, worker_processes
 
 
 @pytest.fixture
 async def worker_process(
     settings: Settings, tmp_path: Path
 ) -> AsyncIterator[Callable[[], WorkerProcess]]:
-    queue = unique("crash-queue")
-    started: list[WorkerProcess] = []
-
-    def make() -> WorkerProcess:
-        process = WorkerProcess(settings, queue, tmp_path / f"worker-{len(started)}.log")
-        started.append(process)
-        return process
-
-    yield make
-    for process in started:
-        if process.process and process.process.returncode is None:
-            process.process.kill()
-            await process.process.wait()
+    async with worker_processes(settings, unique("crash-queue"), tmp_path) as make:
+        yield make
 
 
 async def ledger_sent(pool: asyncpg.Pool, campaign_id: str) -> int:

@@ -38,7 +38,7 @@ from tests.helpers import (
     make_spec,
     unique,
 )
-from tests.worker_support import WorkerProcess
+from tests.worker_support import WorkerProcess, worker_processes
 
 pytestmark = pytest.mark.slow
 
@@ -146,24 +146,9 @@ async def in_process_worker(setup: Setup) -> AsyncIterator[None]:
 
 
 @pytest.fixture
-async def worker_processes(setup: Setup) -> AsyncIterator[Callable[..., WorkerProcess]]:
-    started: list[WorkerProcess] = []
-
-    def make(metrics_address: str = "off") -> WorkerProcess:
-        process = WorkerProcess(
-            setup.settings,
-            setup.settings.task_queue,
-            setup.tmp_path / f"worker-{len(started)}.log",
-            metrics_address=metrics_address,
-        )
-        started.append(process)
-        return process
-
-    yield make
-    for process in started:
-        if process.process and process.process.returncode is None:
-            process.process.kill()
-            await process.process.wait()
+async def processes(setup: Setup) -> AsyncIterator[Callable[..., WorkerProcess]]:
+    async with worker_processes(setup.settings, setup.settings.task_queue, setup.tmp_path) as make:
+        yield make
 
 
 async def _finished(campaigns: CampaignClient, campaign_id: str, within: float) -> CampaignStatus:
@@ -174,14 +159,14 @@ async def _finished(campaigns: CampaignClient, campaign_id: str, within: float) 
 
 
 async def test_two_worker_processes_and_two_campaigns_share_one_account_limit(
-    setup: Setup, sim: SimulatorControl, worker_processes: Callable[..., WorkerProcess]
+    setup: Setup, sim: SimulatorControl, processes: Callable[..., WorkerProcess]
 ) -> None:
     """Two campaigns on two worker processes together stay at the account's 15 requests/s
     (the provider would take 1,000), and both processes send."""
     await setup.limit(15)
     org = await make_org(setup.pool)
     first, second = await setup.audience(org, 3_000), await setup.audience(org, 3_000)
-    workers = [worker_processes(), worker_processes()]
+    workers = [processes(), processes()]
     for process in workers:
         await process.start()
     campaigns = setup.campaigns()
@@ -356,7 +341,7 @@ async def test_two_orgs_share_the_limit_fairly(
 
 
 async def test_a_worker_killed_while_sending_leaves_the_capacity_to_the_others(
-    setup: Setup, sim: SimulatorControl, worker_processes: Callable[..., WorkerProcess]
+    setup: Setup, sim: SimulatorControl, processes: Callable[..., WorkerProcess]
 ) -> None:
     """SIGKILL one of two worker processes mid-campaign: the account keeps sending at
     its rate on the other (nothing of the limit was held by the dead one), and every
@@ -365,7 +350,7 @@ async def test_a_worker_killed_while_sending_leaves_the_capacity_to_the_others(
     await setup.limit(20)
     org = await make_org(setup.pool)
     audience = await setup.audience(org, 20_000)
-    survivor, victim = worker_processes(), worker_processes()
+    survivor, victim = processes(), processes()
     await survivor.start()
     await victim.start()
     campaigns = setup.campaigns()
@@ -389,7 +374,7 @@ async def test_a_worker_killed_while_sending_leaves_the_capacity_to_the_others(
 
 
 async def test_worker_metrics_show_the_accounts_rate(
-    setup: Setup, sim: SimulatorControl, worker_processes: Callable[..., WorkerProcess]
+    setup: Setup, sim: SimulatorControl, processes: Callable[..., WorkerProcess]
 ) -> None:
     """A worker's Prometheus endpoint shows the account's current rate and ceiling."""
     import socket
@@ -400,7 +385,7 @@ async def test_worker_metrics_show_the_accounts_rate(
     await setup.limit(30)
     org = await make_org(setup.pool)
     audience = await setup.audience(org, 2_000)
-    process = worker_processes(metrics_address=f"127.0.0.1:{port}")
+    process = processes(metrics_address=f"127.0.0.1:{port}")
     await process.start()
     campaigns = setup.campaigns()
     spec = setup.spec(org, audience)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from campaigns.settings import Settings
@@ -58,3 +60,30 @@ class WorkerProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+@asynccontextmanager
+async def worker_processes(
+    settings: Settings, task_queue: str, directory: Path
+) -> AsyncIterator[Callable[..., WorkerProcess]]:
+    """A maker of worker processes on ``task_queue`` (logs in ``directory``); every
+    process it made that still runs is killed on the way out."""
+    started: list[WorkerProcess] = []
+
+    def make(metrics_address: str = "off") -> WorkerProcess:
+        process = WorkerProcess(
+            settings,
+            task_queue,
+            directory / f"worker-{len(started)}.log",
+            metrics_address=metrics_address,
+        )
+        started.append(process)
+        return process
+
+    try:
+        yield make
+    finally:
+        for process in started:
+            if process.process and process.process.returncode is None:
+                process.process.kill()
+                await process.process.wait()

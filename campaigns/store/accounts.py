@@ -20,6 +20,7 @@ from campaigns.rate_control import (
     Decision,
     Limits,
     Window,
+    ceiling_with,
 )
 from campaigns.store._pool import Conn
 
@@ -92,6 +93,11 @@ class Account:
             return None
         current = self.adaptive.current
         return min(current, ceiling) if current is not None else ceiling
+
+    @property
+    def ceiling_rps(self) -> float | None:
+        """The most the rate may reach now: configured, or lower when advertised."""
+        return ceiling_with(self.limits, self.adaptive.advertised)
 
     @property
     def recent_throttle_ratio(self) -> float:
