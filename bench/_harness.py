@@ -412,33 +412,3 @@ def cpu_groups(bench: BenchStack, benchmark_pid: int) -> dict[str, list[int]]:
         "HTTP service": [bench.service_pid("api")],
         "benchmark process": [benchmark_pid],
     }
-
-
-@asynccontextmanager
-async def ledger_analyzer(pool: asyncpg.Pool, every: float) -> AsyncIterator[list[float]]:
-    """ANALYZE the ledger tables every ``every`` seconds while the block runs (0: never).
-
-    Stands in for autovacuum's analyze (off on some servers, and slow to notice a new
-    campaign on a big ledger): the batch read's plan depends on the planner knowing
-    how many ledger rows a campaign has. Yields the list of the ANALYZE durations.
-    """
-    durations: list[float] = []
-
-    async def run() -> None:
-        while True:
-            await asyncio.sleep(every)
-            started = time.perf_counter()
-            try:
-                await pool.execute("ANALYZE deliveries, provider_requests")
-            except (asyncpg.PostgresError, OSError):
-                continue
-            durations.append(time.perf_counter() - started)
-
-    task = asyncio.create_task(run()) if every > 0 else None
-    try:
-        yield durations
-    finally:
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task

@@ -38,11 +38,7 @@ campaigns (``--fairness-window``, default 32: one campaign alone at 16 stays jus
 under 50 requests/s on this machine). Big campaigns are cancelled after their phase
 (their in-flight batches drain) and their ledger rows deleted.
 
-The benchmark ANALYZEs the ledger every ``--analyze-every`` seconds (default 5; 0:
-never), standing in for autovacuum: a campaign the planner's statistics do not know
-yet is estimated at one ledger row, and each of its batch reads then sorts or scans
-all the rows it has sent so far, which would otherwise decide every figure here. The
-simulator's webhooks are off unless ``--webhooks``: they cost two HTTP posts per
+The simulator's webhooks are off unless ``--webhooks``: they cost two HTTP posts per
 email, which this machine would spend instead of sending. It also prints the CPU
 seconds per 1,000 emails of each process involved and the load average.
 
@@ -83,7 +79,6 @@ from bench._harness import (  # noqa: E402
     disable_simulator_webhooks,
     ensure_org_audience,
     forget_campaigns,
-    ledger_analyzer,
     set_account_limit,
 )
 from campaigns.client import CampaignClient  # noqa: E402
@@ -964,12 +959,6 @@ async def main() -> None:
         action="store_true",
         help="do not restart the workers before the 429-only adaptation run",
     )
-    parser.add_argument(
-        "--analyze-every",
-        type=float,
-        default=5.0,
-        help="ANALYZE the ledger this often, seconds (0: never)",
-    )
     parser.add_argument("--data-dir", type=Path, default=None, help="keep the stack's data here")
     args = parser.parse_args()
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]
@@ -984,8 +973,7 @@ async def main() -> None:
         f"shared send limit benchmark: phases {', '.join(phases)}; R = {args.rate:g} req/s "
         f"({args.rate * MAX_PROVIDER_BATCH:,.0f} emails/s); {WORKERS} workers; window "
         f"{args.window}, {MAX_PROVIDER_BATCH} emails per request; simulator latency "
-        f"{args.latency_ms:g} ms; webhooks {'on' if args.webhooks else 'off'}; ledger ANALYZE "
-        f"{f'every {args.analyze_every:g} s' if args.analyze_every > 0 else 'never'}; "
+        f"{args.latency_ms:g} ms; webhooks {'on' if args.webhooks else 'off'}; "
         f"load average {_load(os.getloadavg())}",
         flush=True,
     )
@@ -1004,14 +992,8 @@ async def main() -> None:
             await ensure_org_audience(bench.pool, org, name, recipients)
         ctx = Context(bench, client, meter, postgres, args, results)
         try:
-            async with ledger_analyzer(bench.pool, args.analyze_every) as analyzes:
-                for phase in phases:
-                    await PHASE_RUNNERS[phase](ctx)
-            if analyzes:
-                print(
-                    f"\n  ledger ANALYZE every {args.analyze_every:g} s: {len(analyzes)} runs, "
-                    f"{1000 * sum(analyzes) / len(analyzes):.0f} ms each on average"
-                )
+            for phase in phases:
+                await PHASE_RUNNERS[phase](ctx)
         finally:
             # Leave the shared database's account as a fresh one is: no limit.
             await set_account_limit(bench, client.temporal, None)

@@ -43,11 +43,15 @@ _COLUMNS = """
 """
 # Both reads start from the campaign's row and require its org ($2) and audience ($3):
 # no batch input can read another org's recipients, suppressions or ledger rows.
+# The ledger join repeats the range: for a campaign the planner's statistics do not
+# know yet it expects no ledger rows and would otherwise read all the campaign has
+# sent, for every batch.
 _READ_AUDIENCE_RANGE = f"""
 SELECT {_COLUMNS}
 FROM campaigns c
 JOIN recipients r ON r.audience_id = c.audience_id
 LEFT JOIN deliveries d ON d.campaign_id = c.id AND d.recipient_id = r.id
+                      AND d.recipient_id > $4 AND d.recipient_id <= $5
 LEFT JOIN suppressions s ON s.org_id = c.org_id AND s.email = r.email
 WHERE c.id = $1 AND c.org_id = $2 AND c.audience_id = $3 AND r.id > $4 AND r.id <= $5
 ORDER BY r.id
