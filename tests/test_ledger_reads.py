@@ -88,29 +88,22 @@ async def test_a_new_campaigns_batch_reads_only_its_range_of_the_ledger(
     plan = (json.loads(explained) if isinstance(explained, str) else explained)[0]["Plan"]
     assert _ledger_rows_read(plan) <= BATCH, json.dumps(plan, indent=1)
 
-    async with own_db.acquire() as conn:
-        rows = await ledger.read_range(
-            conn,
-            source="audience",
-            campaign_id=fresh,
-            org=org,
-            audience_id=fresh_audience,
-            after_id=after_id,
-            last_id=last_id,
-            execution_id="exec-2",
-            round=0,
-        )
-        before = await ledger.read_range(
-            conn,
-            source="audience",
-            campaign_id=fresh,
-            org=org,
-            audience_id=fresh_audience,
-            after_id=ids[-2 * BATCH - 1],
-            last_id=after_id,
-            execution_id="exec-2",
-            round=0,
-        )
+    async def read(after: int, last: int) -> list[ledger.RecipientRow]:
+        async with own_db.acquire() as conn:
+            return await ledger.read_range(
+                conn,
+                source="audience",
+                campaign_id=fresh,
+                org=org,
+                audience_id=fresh_audience,
+                after_id=after,
+                last_id=last,
+                execution_id="exec-2",
+                round=0,
+            )
+
+    rows = await read(after_id, last_id)
+    before = await read(ids[-2 * BATCH - 1], after_id)
     assert [row.id for row in rows] == ids[-BATCH:]
     assert all(row.status is None for row in rows)
     assert len(before) == BATCH and all(row.status == "sent" for row in before)
