@@ -73,7 +73,7 @@ def test_temporal_setup_registers_every_search_attribute(compose: dict[str, Any]
 
 FAKE_TEMPORAL = r"""#!/bin/sh
 # Stands in for the Temporal CLI: `operator cluster health`, `operator namespace
-# describe|create`, `operator search-attribute list|create`, with the server's state in
+# create`, `operator search-attribute list|create`, with the server's state in
 # files under $FAKE_STATE.
 group="$2"
 verb="$3"
@@ -101,11 +101,12 @@ case "$group $verb" in
     fi
     echo "SERVING"
     ;;
-  "namespace describe")
-    if [ ! -e "$FAKE_STATE/namespace" ]; then echo "Namespace default is not found" >&2; exit 1; fi
-    ;;
   "namespace create")
     if [ -n "${FAKE_NAMESPACE_ERROR:-}" ]; then echo "$FAKE_NAMESPACE_ERROR" >&2; exit 1; fi
+    if [ -e "$FAKE_STATE/namespace" ]; then
+      echo "Error: unable to create namespace: Namespace already exists." >&2
+      exit 1
+    fi
     echo "$retention" > "$FAKE_STATE/namespace"
     ;;
   "search-attribute list")
