@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from argparse import Namespace
+from collections.abc import Iterable
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
@@ -165,6 +166,18 @@ def _bar(share: float) -> ProgressBar:
     return ProgressBar(total=1.0, completed=max(0.0, min(share, 1.0)), width=BAR_WIDTH)
 
 
+def _share_table(
+    title: str, headers: tuple[str, ...], rows: Iterable[tuple[RenderableType, ...]]
+) -> Table:
+    """One of capacity's tables: a row per campaign or org, with its share as a bar."""
+    table = Table(title=title, title_justify="left")
+    for header in headers:
+        table.add_column(header, overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
 def _campaign_limit(campaign: CampaignCapacity) -> str:
     return limit_text(
         campaign.limited_by,
@@ -204,35 +217,43 @@ def capacity_view(capacity: Capacity) -> RenderableType:
         )
     )
     if capacity.campaigns:
-        table = Table(title="campaigns", title_justify="left")
-        for header in ("campaign", "org", "priority", "emails/s", "share", "", "limited by"):
-            table.add_column(header, overflow="fold")
-        for campaign in capacity.campaigns:
-            table.add_row(
-                literal(campaign.workflow_id),
-                literal(campaign.org),
-                str(campaign.priority) if campaign.priority is not None else "",
-                rate_text(campaign.emails_per_second),
-                f"{campaign.share:.0%}",
-                _bar(campaign.share),
-                _campaign_limit(campaign),
+        parts.append(
+            _share_table(
+                "campaigns",
+                ("campaign", "org", "priority", "emails/s", "share", "", "limited by"),
+                (
+                    (
+                        literal(campaign.workflow_id),
+                        literal(campaign.org),
+                        str(campaign.priority) if campaign.priority is not None else "",
+                        rate_text(campaign.emails_per_second),
+                        f"{campaign.share:.0%}",
+                        _bar(campaign.share),
+                        _campaign_limit(campaign),
+                    )
+                    for campaign in capacity.campaigns
+                ),
             )
-        parts.append(table)
+        )
     if capacity.orgs:
-        table = Table(title="orgs", title_justify="left")
-        for header in ("org", "campaigns", "emails/s", "share", "", "cap", "fairness weight"):
-            table.add_column(header, overflow="fold")
-        for org in capacity.orgs:
-            table.add_row(
-                literal(org.org),
-                str(org.campaigns),
-                rate_text(org.emails_per_second),
-                f"{org.share:.0%}",
-                _bar(org.share),
-                rate_text(org.cap, "emails/s"),
-                f"{org.fairness_weight:g}" if org.fairness_weight is not None else "",
+        parts.append(
+            _share_table(
+                "orgs",
+                ("org", "campaigns", "emails/s", "share", "", "cap", "fairness weight"),
+                (
+                    (
+                        literal(org.org),
+                        str(org.campaigns),
+                        rate_text(org.emails_per_second),
+                        f"{org.share:.0%}",
+                        _bar(org.share),
+                        rate_text(org.cap, "emails/s"),
+                        f"{org.fairness_weight:g}" if org.fairness_weight is not None else "",
+                    )
+                    for org in capacity.orgs
+                ),
             )
-        parts.append(table)
+        )
     if capacity.unreadable:
         shown = ", ".join(capacity.unreadable[:10])
         more = (
