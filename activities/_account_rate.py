@@ -1,13 +1,14 @@
 """This worker process's part in its provider account's shared rate.
 
 The batches of an account run on a task queue whose Temporal rate limit is the
-account's rate, so every worker and campaign shares it and a worker that dies holds
-none of it. This object counts the provider's answers the process sees and, every
-``TICK_SECONDS`` while it sends (at once after a 429), adds them to the account's row,
-where the first process to find the window old enough decides the next rate
-(``campaigns.rate_control.decide``). When the rate the row holds is not the one set on
-the task queue, the process that sees it sets it; it sets it again every
-``REAPPLY_SECONDS`` while sending, so a Temporal server that lost it gets it back.
+account's rate (over the requests a batch carries), so every worker and campaign
+shares it and a worker that dies holds none of it. This object counts the provider's
+answers the process sees and, every ``TICK_SECONDS`` while it sends (at once after a
+429), adds them to the account's row, where the first process to find the window old
+enough decides the next rate (``campaigns.rate_control.decide``). When the rate the
+row holds is not the one set on the task queue, the process that sees it sets it; it
+sets it again every ``REAPPLY_SECONDS`` while sending, so a Temporal server that lost
+it gets it back. It also tells the batches how many requests they may carry now.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ from campaigns.temporal import set_queue_rate_limit
 log = structlog.get_logger(__name__)
 
 REAPPLY_SECONDS = 30.0
+SIZE_FRESH_SECONDS = 1.0
+"""A batch reads the account's requests per batch at most this long after the
+process last did: a limit changed live caps batches within about a second."""
 MIN_REPORT_SPACING_SECONDS = 0.1
 """A 429 reports at once, but never more often than this."""
 _QUIET_SECONDS = 30.0
@@ -57,6 +61,8 @@ class AccountRate:
         self._reported_at = 0.0
         self._report: asyncio.Task[None] | None = None
         self._complained_at = -_QUIET_SECONDS
+        self._size: int | None = None
+        self._size_read_at = -SIZE_FRESH_SECONDS
 
     def observe(self, reply: ProviderReply) -> None:
         """Count one answer; start a report when one is due."""
@@ -98,26 +104,54 @@ class AccountRate:
             return
         if account is None:
             return
-        target = account.target_rps
+        self._remember(account)
+        target, queue = account.target_rps, account.queue_rate
         stale = account.since_applied is None or account.since_applied > REAPPLY_SECONDS
-        if target != account.applied_rps or (target is not None and stale):
-            await self._apply(target)
+        if queue != account.applied_rps or (queue is not None and stale):
+            await self._apply(queue, account.requests_per_batch)
         ceiling = account.ceiling_rps
         if target is not None and ceiling is not None:
             metrics.worker().account_rate(self._account, target, ceiling)
 
-    async def _apply(self, rps: float | None) -> None:
+    async def requests_per_batch(self) -> int | None:
+        """The most requests a batch may send now: the account's, as read at most
+        ``SIZE_FRESH_SECONDS`` ago; None when the account has no limit (or cannot be
+        read: the queue's rate limit still holds, and the next batch asks again)."""
+        if time.monotonic() - self._size_read_at > SIZE_FRESH_SECONDS:
+            try:
+                account = await accounts.get(self._pool, self._account)
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+                self._complain("account limits not read", exc)
+                return self._size
+            if account is not None:
+                self._remember(account)
+        return self._size
+
+    def _remember(self, account: accounts.Account) -> None:
+        self._size = account.requests_per_batch if account.limits.limited else None
+        self._size_read_at = time.monotonic()
+
+    async def _apply(self, batches_per_second: float | None, requests_per_batch: int) -> None:
         """Set the task queue's rate limit, then record that it is set."""
         try:
             await set_queue_rate_limit(
-                self._client, self._queue, rps, f"shared rate of provider account {self._account}"
+                self._client,
+                self._queue,
+                batches_per_second,
+                f"shared rate of provider account {self._account}",
             )
             async with self._pool.acquire() as conn:
-                await accounts.mark_applied(conn, self._account, rps)
+                await accounts.mark_applied(conn, self._account, batches_per_second)
         except (RPCError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
             self._complain("account rate not set on the task queue", exc)
             return
-        log.info("account rate set", account=self._account, task_queue=self._queue, rps=rps)
+        log.info(
+            "account rate set",
+            account=self._account,
+            task_queue=self._queue,
+            batches_per_second=batches_per_second,
+            requests_per_batch=requests_per_batch,
+        )
 
     async def close(self) -> None:
         """Wait for a report under way (at worker shutdown)."""

@@ -51,6 +51,9 @@ MAX_PAGE_ROWS = 100_000
 """Most recipient ids one page reads, whatever the window and batch size ask for."""
 MIN_SENDING_SECONDS = 30.0
 """A campaign counts as sending, for its org's cap, this long after a plan at least."""
+CAPPED_PAGE_SECONDS = 2.0
+"""A page of a campaign whose org has a cap lasts about this long at the cap (at
+least one batch), so a campaign started beside it is given its share within seconds."""
 
 
 def scope_problem(
@@ -197,34 +200,47 @@ class PlanningActivities:
     async def plan_sends(self, request: PlanSendsInput) -> SendPlan:
         """The next ranges, sized for the provider account, and the campaign's limits.
 
-        Under an account limit each range is one provider request (``batch_size``
-        recipients), so that the account's task queue, whose rate limit counts
-        activities, counts requests, and its fairness shares requests among orgs.
+        Under an account limit a range is the account's requests per batch (1 to 10
+        provider requests of ``batch_size`` recipients, by its current rate), so
+        that the account's task queue, whose rate limit counts activities, dispatches
+        a known number of requests, and its fairness shares requests among orgs.
         Without one, a range is ``recipients_per_activity`` as before. The org's cap
         is shared equally among its campaigns that are sending.
         """
         account = await accounts.get(self._pool)
-        limited = account is not None and account.limits.limited
         per_range = request.recipients_per_activity
-        if limited:
-            per_range = min(per_range, request.emails_per_request)
+        if account is not None and account.limits.limited:
+            per_range = min(per_range, request.emails_per_request * account.requests_per_batch)
+        cap = None
+        if request.org is not None:
+            async with self._pool.acquire() as conn:
+                cap = await orgs.emails_per_second(conn, request.org)
+        max_batches = request.max_batches
+        if cap is not None:
+            # A capped campaign learns its share of the cap at each page: keep pages
+            # a few seconds long at the cap, whatever the size of a batch.
+            own = min(cap, request.rate_per_second or cap)
+            max_batches = max(1, min(max_batches, int(CAPPED_PAGE_SECONDS * own // per_range)))
         ranges = await self.plan_batches(
-            request.model_copy(update={"recipients_per_activity": per_range})
+            request.model_copy(
+                update={"recipients_per_activity": per_range, "max_batches": max_batches}
+            )
         )
         return SendPlan(
             ranges=ranges,
-            org_rate_cap=await self._org_share(request, sum(r.size for r in ranges)),
+            org_rate_cap=await self._org_share(request, cap, sum(r.size for r in ranges)),
             account_rate=account.target_rps if account is not None else None,
         )
 
-    async def _org_share(self, request: PlanSendsInput, recipients: int) -> float | None:
-        """This campaign's share of its org's cap (emails/s), marking it as sending for
-        as long as this page should last; None when the org has no cap."""
+    async def _org_share(
+        self, request: PlanSendsInput, cap: float | None, recipients: int
+    ) -> float | None:
+        """This campaign's share of its org's ``cap`` (emails/s), marking it as sending
+        for as long as this page should last; None when the org has no cap."""
         org = request.org
         if org is None:
             return None
         async with self._pool.acquire() as conn:
-            cap = await orgs.emails_per_second(conn, org)
             if cap is None or not recipients:
                 await campaign_rows.mark_idle(conn, request.campaign_id, org)
                 return cap

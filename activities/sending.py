@@ -38,6 +38,7 @@ from activities._batch_triage import triage
 from activities.planning import scope_problem
 from campaigns import metrics
 from campaigns.contract import (
+    BATCH_RESIZED,
     INVALID_SPEC_ERROR,
     PROVIDER_AUTH_ERROR,
     PROVIDER_CONFIG_ERROR,
@@ -64,6 +65,9 @@ from campaigns.unsubscribe import UnsubscribeLinks
 log = structlog.get_logger(__name__)
 
 REQUESTS_IN_FLIGHT_PER_BATCH = 10
+RESIZED_RETRY_SECONDS = 0.1
+"""How soon a batch cut to the account's requests per batch goes back into its queue
+for the rest (the queue's rate limit spaces it from there)."""
 # Stands in for the unsubscribe link while an html body's links are pointed at the
 # tracking host: the link goes straight to the unsubscribe page, never through a
 # click redirect. Letters and digits only, so escaping and quoting leave it as it is.
@@ -335,12 +339,21 @@ class SendingActivities:
                 code="invalid email address",
             )
         fresh, groups = sorted_rows.fresh, sorted_rows.resend
+        resend = [_Request(key, members) for key, members in groups.items()]
         new = [
             _Request.new(campaign.campaign_id, fresh[i : i + batch.batch_size])
             for i in range(0, len(fresh), batch.batch_size)
         ]
+        # A batch planned before the account's limits changed may carry more requests
+        # than one dispatch of its queue stands for: send that many, the rest on the
+        # next attempt, which the queue dispatches at its rate like any other batch.
+        allowed = await self._requests_allowed()
+        deferred = 0
+        if allowed is not None and len(resend) + len(new) > allowed:
+            deferred = len(resend) + len(new) - allowed
+            resend, new = resend[:allowed], new[: max(0, allowed - len(resend))]
         await self._plan(batch, new)
-        requests = [_Request(key, members) for key, members in groups.items()] + new
+        requests = resend + new
 
         throttled_for: float | None = None
         fatal: ApplicationError | None = None
@@ -384,6 +397,14 @@ class SendingActivities:
                 type=PROVIDER_THROTTLED,
                 next_retry_delay=timedelta(seconds=max(throttled_for, 0.1)),
             )
+        if deferred:
+            log.info("batch resized", sent_requests=len(requests), deferred_requests=deferred)
+            raise ApplicationError(
+                f"{deferred} requests left for the next attempt: the account's batches "
+                f"carry at most {allowed} now",
+                type=BATCH_RESIZED,
+                next_retry_delay=timedelta(seconds=RESIZED_RETRY_SECONDS),
+            )
 
         for status in outcomes.statuses:
             counts[DeliveryStatus(status)] += 1
@@ -403,6 +424,13 @@ class SendingActivities:
             seconds=round(time.perf_counter() - started, 3),
         )
         return outcome
+
+    async def _requests_allowed(self) -> int | None:
+        """The most requests this batch may send (the account's requests per batch);
+        None: no cap (no limit, or no account rate in this process)."""
+        if self._account_rate is None:
+            return None
+        return await self._account_rate.requests_per_batch()
 
     async def _plan(self, batch: SendBatchInput, requests: list[_Request]) -> None:
         """Record requests before they are sent (see migration 0003)."""
@@ -513,5 +541,8 @@ async def _heartbeat_until_done(accepted: _Accepted) -> None:
     timeout = activity.info().heartbeat_timeout
     interval = timeout.total_seconds() / 3 if timeout else 5.0
     while True:
-        activity.heartbeat(dict(accepted))
+        # Not at once: most batches end before the first beat, and each beat is a
+        # write to the workflow's state on the server (details of an earlier attempt
+        # are already there).
         await asyncio.sleep(interval)
+        activity.heartbeat(dict(accepted))

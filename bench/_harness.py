@@ -19,7 +19,6 @@ from temporalio.client import Client
 
 from campaigns import store
 from campaigns.contract import send_task_queue
-from campaigns.models import MAX_PROVIDER_BATCH
 from campaigns.settings import Settings
 from campaigns.stack import LocalStack, StackConfig
 from campaigns.store import accounts
@@ -390,12 +389,10 @@ async def set_account_limit(
             requests_per_second=requests_per_second,
             emails_per_second=emails_per_second,
         )
-    rps = requests_per_second
-    if emails_per_second is not None:
-        per_request = emails_per_second / MAX_PROVIDER_BATCH
-        rps = per_request if rps is None else min(rps, per_request)
+        account = await accounts.get(conn, accounts.DEFAULT_ACCOUNT)
+    assert account is not None
     queue = send_task_queue(bench.settings.task_queue)
-    await set_queue_rate_limit(client, queue, rps, "bench")
+    await set_queue_rate_limit(client, queue, account.queue_rate, "bench")
 
 
 async def disable_simulator_webhooks(bench: BenchStack) -> None:

@@ -159,8 +159,15 @@ class AccountCapacity(BaseModel):
     throttled_at_rps: float | None = Field(
         default=None, description="The rate the provider accepted when it last answered 429."
     )
-    applied_rps: float | None = Field(
-        default=None, description="The rate last recorded as set on the task queue."
+    requests_per_batch: int = Field(
+        default=1,
+        description="The most provider requests one batch activity carries (by the "
+        "configured ceiling, 1 to 10).",
+    )
+    queue_rate_limit: float | None = Field(
+        default=None,
+        description="The rate limit last recorded as set on the task queue: batches/s, "
+        "each at most requests_per_batch requests.",
     )
     recent_answered: float = Field(
         description="Answers other than 429 in about the last 30 s (decayed)."
@@ -173,7 +180,7 @@ class QueueCapacity(BaseModel):
     """What Temporal reports of the account's task queue."""
 
     task_queue: str
-    rate_limit: float | None = Field(description="Activities (requests)/s; None: none set.")
+    rate_limit: float | None = Field(description="Batch activities/s; None: none set.")
     backlog: int
     backlog_age_seconds: float
     dispatch_rate: float = Field(description="Activities started per second lately.")
@@ -242,7 +249,8 @@ def account_capacity(account: accounts.Account) -> AccountCapacity:
         ceiling_source=source,
         advertised_rps=advertised,
         throttled_at_rps=account.adaptive.throttled_at,
-        applied_rps=account.applied_rps,
+        requests_per_batch=account.requests_per_batch,
+        queue_rate_limit=account.applied_rps,
         recent_answered=account.recent_answered,
         recent_throttled=account.recent_throttled,
         recent_throttle_ratio=account.recent_throttle_ratio,

@@ -1,9 +1,10 @@
 """The shared send limit's decisions: pure functions, no I/O.
 
 One provider account is shared by every campaign and worker. Its batch activities run
-on a task queue of their own, each activity one provider request, and Temporal's
-task-queue rate limit dispatches them at the account's *current rate* in requests/s
-(see ARCHITECTURE.md, "The shared send limit"). This module decides that rate.
+on a task queue of their own, each activity at most ``requests_per_batch`` provider
+requests, and Temporal's task-queue rate limit dispatches them at the account's
+*current rate* in requests/s divided by that number (see ARCHITECTURE.md, "The shared
+send limit"). This module decides that rate and that number.
 
 Every half second one worker process folds what all processes saw since the last
 decision (answers, 429s) into the account's row and calls ``decide``:
@@ -56,6 +57,13 @@ SLOW_STEP_SHARE = 0.01
 """Additive step per second past the last 429's rate, as a share of the ceiling."""
 FORGET_THROTTLED_AT = 1.3
 """Past this multiple of the last 429's rate without a 429, the provider allows more."""
+BATCHES_PER_SECOND = 10.0
+"""Under a limit, batches carry as many requests as keep the account's dispatches near
+this many a second at its current rate: each dispatch costs Temporal and the workers a
+fixed amount, and a tenth of a second's worth of the rate is a small burst."""
+MAX_REQUESTS_PER_BATCH = 10
+"""At most this many requests a batch, whatever the ceiling (priority and fairness
+order batches: smaller ones let them switch sooner)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +172,24 @@ def decide(limits: Limits, state: Adaptive, window: Window) -> Decision:
     return Decision(
         current=min(max(current, floor), ceiling), throttled_at=throttled_at, decreased=decreased
     )
+
+
+def requests_per_batch(requests_per_second: float | None) -> int:
+    """How many provider requests one batch activity carries at most at this rate:
+    ``BATCHES_PER_SECOND`` dispatches a second, from 1 (under 20 requests/s) to
+    ``MAX_REQUESTS_PER_BATCH``; 1 with no limit (the queue counts nothing then)."""
+    if requests_per_second is None:
+        return 1
+    per_batch = math.floor(requests_per_second / BATCHES_PER_SECOND)
+    return max(1, min(MAX_REQUESTS_PER_BATCH, per_batch))
+
+
+def queue_rate(requests_per_second: float | None, requests_per_batch: int) -> float | None:
+    """The task queue's rate limit (batches/s) that sends ``requests_per_second`` in
+    batches of ``requests_per_batch`` requests; None: no limit."""
+    if requests_per_second is None:
+        return None
+    return requests_per_second / max(1, requests_per_batch)
 
 
 def decayed(previous: float, added: float, seconds: float) -> float:

@@ -14,6 +14,8 @@ from campaigns.rate_control import (
     Window,
     decide,
     limit_problem,
+    queue_rate,
+    requests_per_batch,
 )
 
 
@@ -27,6 +29,22 @@ def test_the_ceiling_is_the_tightest_of_requests_and_emails() -> None:
     assert Limits(requests_per_second=50).ceiling() == 50
     assert Limits(emails_per_second=2_000).ceiling() == 20  # full requests of 100
     assert Limits(requests_per_second=50, emails_per_second=2_000).ceiling() == 20
+
+
+@pytest.mark.parametrize(
+    ("rate", "per_batch"),
+    [(None, 1), (0.5, 1), (19.9, 1), (20, 2), (50, 5), (80, 8), (100, 10), (5_000, 10)],
+)
+def test_a_batch_carries_a_tenth_of_a_seconds_requests_from_1_to_10(
+    rate: float | None, per_batch: int
+) -> None:
+    assert requests_per_batch(rate) == per_batch
+
+
+def test_the_queue_dispatches_the_rate_in_batches() -> None:
+    assert queue_rate(50, requests_per_batch(50)) == 10
+    assert queue_rate(8, requests_per_batch(8)) == 8
+    assert queue_rate(None, 1) is None
 
 
 def test_an_unlimited_account_has_no_rate() -> None:

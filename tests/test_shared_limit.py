@@ -23,6 +23,7 @@ from temporalio.client import Client
 from campaigns import store
 from campaigns.client import CampaignClient
 from campaigns.contract import send_task_queue
+from campaigns.first_party import refresh_first_party_orgs
 from campaigns.models import CampaignSpec, CampaignState, CampaignStatus
 from campaigns.provider import ProviderClient
 from campaigns.settings import Settings
@@ -67,7 +68,8 @@ class Setup:
                 requests_per_second=requests_per_second,
                 emails_per_second=None,
             )
-        await set_queue_rate_limit(self.client, self.sends_queue, requests_per_second, "test")
+        account = await self.account()
+        await set_queue_rate_limit(self.client, self.sends_queue, account.queue_rate, "test")
 
     async def account(self) -> accounts.Account:
         async with self.pool.acquire() as conn:
@@ -127,6 +129,11 @@ async def setup(
 ) -> AsyncIterator[Setup]:
     async with migrated_database(pg_admin_url) as url:
         pool = await store.create_pool(url, max_size=10)
+        # A first-party snapshot from the start: without one the first batches wait
+        # seconds for the refresh, and those dispatched meanwhile send together.
+        await make_org(pool)
+        async with pool.acquire() as conn:
+            await refresh_first_party_orgs(conn)
         own = settings.model_copy(update={"database_url": url, "task_queue": unique("limit-q")})
         try:
             yield Setup(url, pool, own, client, tmp_path)
@@ -215,6 +222,7 @@ async def test_the_rate_backs_off_on_429s_and_climbs_when_the_provider_allows_mo
     assert backed_off.adaptive.throttled_at is not None
     await eventually(
         lambda: describe_queue(setup.client, setup.sends_queue),
+        # at 10 requests/s or less a batch is one request
         lambda view: view.rate_limit is not None and view.rate_limit <= 10,
         within=10,
         what="the queue's rate limit follows",
@@ -235,6 +243,42 @@ async def test_the_rate_backs_off_on_429s_and_climbs_when_the_provider_allows_mo
     stats = await sim.stats()
     assert stats["responses"].get("429", 0) > 0, "the provider did throttle"
     assert stats["duplicated_recipients"] == 0
+
+
+async def test_batches_planned_before_a_lower_limit_send_only_what_it_allows(
+    setup: Setup, sim: SimulatorControl, processes: Callable[..., WorkerProcess]
+) -> None:
+    """Under 30 requests/s a batch carries 3 requests; once the limit is 10 (1 a batch),
+    the batches already planned send one request an attempt, so the account stays at
+    10 requests/s, and every recipient is sent once."""
+    await setup.limit(30)
+    assert (await setup.account()).requests_per_batch == 3
+    org = await make_org(setup.pool)
+    audience = await setup.audience(org, 12_000)
+    worker = processes()
+    await worker.start()
+    campaigns = setup.campaigns()
+    spec = setup.spec(org, audience)
+    await campaigns.start(spec)
+    await eventually(
+        lambda: setup.sent(spec.campaign_id), lambda sent: sent > 0, within=30, every=0.1
+    )
+    await setup.limit(10)
+    changed = await setup.now()
+    status = await _finished(campaigns, spec.campaign_id, within=120)
+    assert status.state is CampaignState.COMPLETED and status.counts.sent == 12_000
+    assert status.counts.failed == 0
+    last_sent = await setup.pool.fetchval(
+        "SELECT extract(epoch FROM max(sent_at))::float8 FROM deliveries WHERE campaign_id = $1",
+        spec.campaign_id,
+    )
+    # A batch under way at the change may finish its 3 requests; from a second on, 10/s.
+    assert last_sent - changed >= 5, "most of the campaign was left for the lower limit"
+    rate = await setup.requests_per_second([spec.campaign_id], changed + 1, last_sent)
+    assert rate <= 10 * 1.2, f"{rate:.1f} requests/s under a limit of 10"
+    assert '"batch resized"' in worker.log(), "planned batches were cut to the new size"
+    stats = await sim.stats()
+    assert stats["duplicated_recipients"] == 0 and stats["unique_recipients"] == 12_000
 
 
 async def test_advertised_limits_are_taken_at_once(
@@ -322,20 +366,21 @@ async def test_two_orgs_share_the_limit_fairly(
     requests/s, and finishes long before the big one."""
     await setup.limit(20)
     big_org, small_org = await make_org(setup.pool), await make_org(setup.pool)
-    big = setup.spec(big_org, await setup.audience(big_org, 20_000))
-    small = setup.spec(small_org, await setup.audience(small_org, 3_000))
+    # 30 batches of 2 requests for the small org (20 requests/s: 2 a batch)
+    big = setup.spec(big_org, await setup.audience(big_org, 40_000))
+    small = setup.spec(small_org, await setup.audience(small_org, 6_000))
     campaigns = setup.campaigns()
     for spec in (big, small):
         await campaigns.start(spec)
     await eventually(lambda: setup.sent(small.campaign_id), lambda n: n >= 300, within=30)
     since = await setup.now()
     status = await _finished(campaigns, small.campaign_id, within=60)
-    assert status.counts.sent == 3_000
+    assert status.counts.sent == 6_000
     until = await setup.now()
     small_rate = await setup.requests_per_second([small.campaign_id], since, until)
     big_rate = await setup.requests_per_second([big.campaign_id], since, until)
     assert small_rate >= 0.35 * (small_rate + big_rate), (small_rate, big_rate)
-    assert await setup.sent(big.campaign_id) < 20_000 / 2
+    assert await setup.sent(big.campaign_id) < 40_000 / 2
     await campaigns.cancel(big.campaign_id)
     await _finished(campaigns, big.campaign_id, within=30)
 
@@ -435,8 +480,8 @@ async def test_an_orgs_cap_is_shared_by_its_campaigns(
         ids,
     )
     # The account alone would take 1.2 s. A campaign learns of the other's share at its
-    # next page (32 batches here), so the first seconds may run above the cap; after
-    # that the two together keep to it.
+    # next page (about 2 s at the cap: 3 batches of 1,000 here), so the first seconds
+    # may run above the cap; after that the two together keep to it.
     assert last_sent - first_sent >= 12_000 / 1_500 * 0.6
     steady = await setup.pool.fetchval(
         """SELECT count(*) FROM deliveries WHERE campaign_id = ANY($1) AND status = 'sent'

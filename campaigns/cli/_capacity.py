@@ -43,6 +43,18 @@ def _requests(value: float | None) -> str:
     return rate_text(value, "requests/s")
 
 
+def _count_requests(count: int) -> str:
+    return f"{count} request{'' if count == 1 else 's'}"
+
+
+def _queue(batches_per_second: float | None, requests_per_batch: int) -> str:
+    """The task queue's rate limit, and the requests it stands for."""
+    if batches_per_second is None:
+        return "none (last recorded)"
+    requests = _requests(batches_per_second * requests_per_batch)
+    return f"{rate_text(batches_per_second, 'batches/s')} = {requests} (last recorded)"
+
+
 def account_lines(account: AccountCapacity) -> list[Text]:
     """What is configured on the account and what its shared rate is now."""
     ceiling = (
@@ -60,7 +72,8 @@ def account_lines(account: AccountCapacity) -> list[Text]:
         ("emails/s limit", rate_text(account.emails_per_second)),
         ("ceiling", ceiling),
         ("current rate", current),
-        ("set on the queue", _requests(account.applied_rps) + " (last recorded)"),
+        ("batch size", f"at most {_count_requests(account.requests_per_batch)}"),
+        ("set on the queue", _queue(account.queue_rate_limit, account.requests_per_batch)),
         (
             "recent 429s",
             f"{account.recent_throttle_ratio:.1%} ({throttled:,.0f} of "
@@ -122,16 +135,21 @@ async def cmd_account_set(args: Namespace, settings: Settings, console: Console)
             )
         after = await _account(conn, account_id)
         queue = send_task_queue(settings.task_queue, account_id)
-        target = after.target_rps
-        problem = await _apply(settings, queue, target, account_id)
+        target, queue_rate = after.target_rps, after.queue_rate
+        problem = await _apply(settings, queue, queue_rate, account_id)
         if problem is None:
-            await accounts.mark_applied(conn, account_id, target)
+            await accounts.mark_applied(conn, account_id, queue_rate)
             after = await _account(conn, account_id)
     finally:
         await conn.close()
     for line in account_lines(account_capacity(after)):
         console.print(line)
-    rate = _requests(target) if target is not None else "no rate limit"
+    rate = (
+        f"{rate_text(queue_rate, 'batches/s')} of at most "
+        f"{_count_requests(after.requests_per_batch)} = {_requests(target)}"
+        if queue_rate is not None and target is not None
+        else "no rate limit"
+    )
     if problem is None:
         console.print(literal(f"task queue {queue}: {rate}, set now"))
     else:
@@ -145,13 +163,18 @@ async def cmd_account_set(args: Namespace, settings: Settings, console: Console)
     return 0
 
 
-async def _apply(settings: Settings, queue: str, rps: float | None, account_id: str) -> str | None:
+async def _apply(
+    settings: Settings, queue: str, batches_per_second: float | None, account_id: str
+) -> str | None:
     """Set the queue's rate limit; None when done, else why it was not (in our words)."""
     try:
         async with asyncio.timeout(APPLY_TIMEOUT_SECONDS):
             client = await connect(settings)
             await set_queue_rate_limit(
-                client, queue, rps, f"limits of provider account {account_id} changed"
+                client,
+                queue,
+                batches_per_second,
+                f"limits of provider account {account_id} changed",
             )
     except TimeoutError:
         return f"Temporal did not answer within {APPLY_TIMEOUT_SECONDS:.0f}s"
@@ -201,7 +224,8 @@ def capacity_view(capacity: Capacity) -> RenderableType:
         parts.append(
             literal(
                 f"task queue {queue.task_queue}\n"
-                f"  {'rate limit':<17} {_requests(queue.rate_limit)} (set on Temporal)\n"
+                f"  {'rate limit':<17} {rate_text(queue.rate_limit, 'batches/s')}"
+                " (set on Temporal)\n"
                 f"  {'backlog':<17} {queue.backlog:,} batches waiting "
                 f"(oldest {queue.backlog_age_seconds:,.1f} s)\n"
                 f"  {'dispatch rate':<17} {rate_text(queue.dispatch_rate, 'batches/s')}"

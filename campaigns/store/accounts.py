@@ -21,6 +21,8 @@ from campaigns.rate_control import (
     Limits,
     Window,
     ceiling_with,
+    queue_rate,
+    requests_per_batch,
 )
 from campaigns.store._pool import Conn
 
@@ -76,7 +78,8 @@ class Account:
     limits: Limits
     adaptive: Adaptive
     applied_rps: float | None
-    """The rate last set on the account's task queue; None: none set."""
+    """The rate limit last set on the account's task queue, batches/s (Temporal's
+    "requests" are our batch activities); None: none set."""
     since_applied: float | None
     """Seconds since the rate was last set on the task queue; None: never."""
     window: Window
@@ -93,6 +96,16 @@ class Account:
             return None
         current = self.adaptive.current
         return min(current, ceiling) if current is not None else ceiling
+
+    @property
+    def requests_per_batch(self) -> int:
+        """The most provider requests one batch carries at the current rate."""
+        return requests_per_batch(self.target_rps)
+
+    @property
+    def queue_rate(self) -> float | None:
+        """The task queue's rate limit, batches/s, that sends at ``target_rps``."""
+        return queue_rate(self.target_rps, self.requests_per_batch)
 
     @property
     def ceiling_rps(self) -> float | None:
@@ -184,6 +197,6 @@ async def report(
         return _account(row)
 
 
-async def mark_applied(conn: Conn, account_id: str, rps: float | None) -> None:
-    """Record the rate now set on the account's task queue (None: none)."""
-    await conn.execute(_APPLIED, account_id, rps)
+async def mark_applied(conn: Conn, account_id: str, batches_per_second: float | None) -> None:
+    """Record the rate limit now set on the account's task queue (None: none)."""
+    await conn.execute(_APPLIED, account_id, batches_per_second)
