@@ -8,13 +8,15 @@ answers the process sees and, every ``TICK_SECONDS`` while it sends (at once aft
 enough decides the next rate (``campaigns.rate_control.decide``). When the rate the
 row holds is not the one set on the task queue, the process that sees it sets it; it
 sets it again every ``REAPPLY_SECONDS`` while sending, so a Temporal server that lost
-it gets it back. It also tells the batches how many requests they may carry now.
+it gets it back. It also tells the batches how many requests they may carry now and
+how far apart to send them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 
 import asyncpg
 import structlog
@@ -23,20 +25,30 @@ from temporalio.service import RPCError
 
 from campaigns import metrics
 from campaigns.provider import ProviderReply, ReplyKind
-from campaigns.rate_control import TICK_SECONDS, decide
+from campaigns.rate_control import TICK_SECONDS, decide, request_spacing
 from campaigns.store import accounts
 from campaigns.temporal import set_queue_rate_limit
 
 log = structlog.get_logger(__name__)
 
 REAPPLY_SECONDS = 30.0
-SIZE_FRESH_SECONDS = 1.0
-"""A batch reads the account's requests per batch at most this long after the
-process last did: a limit changed live caps batches within about a second."""
+PACE_FRESH_SECONDS = 0.5
+"""A batch's pace is the account's as the process read it at most this long ago (each
+report reads it too): a changed limit or rate reaches the batches within a second."""
 MIN_REPORT_SPACING_SECONDS = 0.1
 """A 429 reports at once, but never more often than this."""
 _QUIET_SECONDS = 30.0
 """A failing report or update is logged at most this often."""
+
+
+@dataclass(frozen=True, slots=True)
+class BatchPace:
+    """How one batch sends under the account's limit."""
+
+    requests: int
+    """The most requests it sends (the rest wait for its next attempt)."""
+    spacing: float
+    """Seconds between the starts of its requests."""
 
 
 class AccountRate:
@@ -61,8 +73,8 @@ class AccountRate:
         self._reported_at = 0.0
         self._report: asyncio.Task[None] | None = None
         self._complained_at = -_QUIET_SECONDS
-        self._size: int | None = None
-        self._size_read_at = -SIZE_FRESH_SECONDS
+        self._pace: BatchPace | None = None
+        self._pace_read_at = -PACE_FRESH_SECONDS
 
     def observe(self, reply: ProviderReply) -> None:
         """Count one answer; start a report when one is due."""
@@ -113,23 +125,28 @@ class AccountRate:
         if target is not None and ceiling is not None:
             metrics.worker().account_rate(self._account, target, ceiling)
 
-    async def requests_per_batch(self) -> int | None:
-        """The most requests a batch may send now: the account's, as read at most
-        ``SIZE_FRESH_SECONDS`` ago; None when the account has no limit (or cannot be
-        read: the queue's rate limit still holds, and the next batch asks again)."""
-        if time.monotonic() - self._size_read_at > SIZE_FRESH_SECONDS:
+    async def batch_pace(self) -> BatchPace | None:
+        """How a batch sends now: the account's requests per batch and the spacing of
+        its requests at the account's rate, as read at most ``PACE_FRESH_SECONDS`` ago;
+        None when the account has no limit (or was never read: the queue's rate limit
+        still holds, and the next batch asks again)."""
+        if time.monotonic() - self._pace_read_at > PACE_FRESH_SECONDS:
             try:
                 account = await accounts.get(self._pool, self._account)
             except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
                 self._complain("account limits not read", exc)
-                return self._size
+                return self._pace
             if account is not None:
                 self._remember(account)
-        return self._size
+        return self._pace
 
     def _remember(self, account: accounts.Account) -> None:
-        self._size = account.requests_per_batch if account.limits.limited else None
-        self._size_read_at = time.monotonic()
+        self._pace = (
+            BatchPace(account.requests_per_batch, request_spacing(account.target_rps))
+            if account.limits.limited
+            else None
+        )
+        self._pace_read_at = time.monotonic()
 
     async def _apply(self, batches_per_second: float | None, requests_per_batch: int) -> None:
         """Set the task queue's rate limit, then record that it is set."""

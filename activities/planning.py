@@ -51,9 +51,10 @@ MAX_PAGE_ROWS = 100_000
 """Most recipient ids one page reads, whatever the window and batch size ask for."""
 MIN_SENDING_SECONDS = 30.0
 """A campaign counts as sending, for its org's cap, this long after a plan at least."""
-CAPPED_PAGE_SECONDS = 2.0
-"""A page of a campaign whose org has a cap lasts about this long at the cap (at
-least one batch), so a campaign started beside it is given its share within seconds."""
+LIMITED_PAGE_SECONDS = 2.0
+"""Under an account limit or an org cap a page lasts about this long at the rate (at
+least one batch), so batches follow a changed rate, and a campaign started beside a
+capped one is given its share, within seconds."""
 
 
 def scope_problem(
@@ -209,18 +210,25 @@ class PlanningActivities:
         """
         account = await accounts.get(self._pool)
         per_range = request.recipients_per_activity
-        if account is not None and account.limits.limited:
+        # The emails/s the page's length is measured at (None: no bound).
+        page_rate: float | None = None
+        if account is not None and account.target_rps is not None:
             per_range = min(per_range, request.emails_per_request * account.requests_per_batch)
+            page_rate = account.target_rps * request.emails_per_request
         cap = None
         if request.org is not None:
             async with self._pool.acquire() as conn:
                 cap = await orgs.emails_per_second(conn, request.org)
-        max_batches = request.max_batches
         if cap is not None:
-            # A capped campaign learns its share of the cap at each page: keep pages
-            # a few seconds long at the cap, whatever the size of a batch.
             own = min(cap, request.rate_per_second or cap)
-            max_batches = max(1, min(max_batches, int(CAPPED_PAGE_SECONDS * own // per_range)))
+            page_rate = min(page_rate or own, own)
+        max_batches = request.max_batches
+        if page_rate is not None:
+            # Under a limit the next page is sized afresh (batch size, the org's share):
+            # keep pages a few seconds long, whatever the size of a batch.
+            max_batches = max(
+                1, min(max_batches, int(LIMITED_PAGE_SECONDS * page_rate // per_range))
+            )
         ranges = await self.plan_batches(
             request.model_copy(
                 update={"recipients_per_activity": per_range, "max_batches": max_batches}

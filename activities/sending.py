@@ -33,7 +33,7 @@ from pydantic import ValidationError
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities._account_rate import AccountRate
+from activities._account_rate import AccountRate, BatchPace
 from activities._batch_triage import triage
 from activities.planning import scope_problem
 from campaigns import metrics
@@ -347,20 +347,24 @@ class SendingActivities:
         # A batch planned before the account's limits changed may carry more requests
         # than one dispatch of its queue stands for: send that many, the rest on the
         # next attempt, which the queue dispatches at its rate like any other batch.
-        allowed = await self._requests_allowed()
+        pace = await self._pace()
+        allowed = pace.requests if pace is not None else None
         deferred = 0
         if allowed is not None and len(resend) + len(new) > allowed:
             deferred = len(resend) + len(new) - allowed
             resend, new = resend[:allowed], new[: max(0, allowed - len(resend))]
         await self._plan(batch, new)
         requests = resend + new
+        spacing = pace.spacing if pace is not None else 0.0
 
         throttled_for: float | None = None
         fatal: ApplicationError | None = None
         limit = asyncio.Semaphore(REQUESTS_IN_FLIGHT_PER_BATCH)
 
-        async def send(request: _Request) -> None:
+        async def send(position: int, request: _Request) -> None:
             nonlocal throttled_for, fatal
+            if position and spacing:  # at the account's rate, not in one burst
+                await asyncio.sleep(position * spacing)
             async with limit:
                 if fatal is not None or throttled_for is not None:
                     return  # leave unrecorded: the retry of this batch sends them
@@ -375,7 +379,7 @@ class SendingActivities:
                         str(exc), type=PROVIDER_CONFIG_ERROR, non_retryable=True
                     )
 
-        await asyncio.gather(*(send(request) for request in requests))
+        await asyncio.gather(*(send(i, request) for i, request in enumerate(requests)))
 
         # A batch stopped short (throttled, refused) keeps its plan: requests an
         # earlier attempt planned may have reached the provider and must go out again
@@ -425,12 +429,12 @@ class SendingActivities:
         )
         return outcome
 
-    async def _requests_allowed(self) -> int | None:
-        """The most requests this batch may send (the account's requests per batch);
-        None: no cap (no limit, or no account rate in this process)."""
+    async def _pace(self) -> BatchPace | None:
+        """How many requests this batch may send and how far apart; None: no limit
+        (or no account rate in this process)."""
         if self._account_rate is None:
             return None
-        return await self._account_rate.requests_per_batch()
+        return await self._account_rate.batch_pace()
 
     async def _plan(self, batch: SendBatchInput, requests: list[_Request]) -> None:
         """Record requests before they are sent (see migration 0003)."""

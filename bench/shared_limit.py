@@ -593,7 +593,7 @@ async def priority(ctx: Context) -> None:
         high = max(started for _, started, _ in urgent_starts)
         during = [started for _, started, _ in other_starts if low <= started <= high]
         dispatch_share = len(urgent_starts) / (len(urgent_starts) + len(during))
-        # Lower-priority requests started while one of its requests was waiting.
+        # Lower-priority batches started while one of its batches was waiting.
         inverted = sum(
             any(queued <= started < begun for queued, begun, _ in urgent_starts)
             for started in during
@@ -601,7 +601,7 @@ async def priority(ctx: Context) -> None:
         results.add(
             Figure(
                 phase,
-                "its share of requests started, first to last start (history)",
+                "its share of batches started, first to last start (history)",
                 100 * dispatch_share,
                 "",
                 None,
@@ -613,7 +613,7 @@ async def priority(ctx: Context) -> None:
         results.add(
             Figure(
                 phase,
-                "its requests' wait in the queue, median (history)",
+                "its batches' wait in the queue, median (history)",
                 waits[len(waits) // 2],
                 "",
                 None,
@@ -632,8 +632,8 @@ async def priority(ctx: Context) -> None:
             if done is not None and low - 5 <= begun < low - 1
         )
         for label, values in (
-            ("priority-3 requests' run time meanwhile, median", other_runs),
-            ("priority-3 requests' run time in the 5 s before, median", before),
+            ("priority-3 batches' run time meanwhile, median", other_runs),
+            ("priority-3 batches' run time in the 5 s before, median", before),
         ):
             if values:
                 results.add(Figure(phase, label, values[len(values) // 2], "", None, "s", ".2f"))
@@ -641,7 +641,7 @@ async def priority(ctx: Context) -> None:
             results.add(
                 Figure(
                     phase,
-                    "its requests' run time (started to completed), median (history)",
+                    "its batches' run time (started to completed), median (history)",
                     runs[len(runs) // 2],
                     "",
                     None,
@@ -652,7 +652,7 @@ async def priority(ctx: Context) -> None:
         results.add(
             Figure(
                 phase,
-                "priority-3 requests started while one of its was queued",
+                "priority-3 batches started while one of its was queued",
                 inverted,
                 "",
                 None,

@@ -59,8 +59,8 @@ FORGET_THROTTLED_AT = 1.3
 """Past this multiple of the last 429's rate without a 429, the provider allows more."""
 BATCHES_PER_SECOND = 10.0
 """Under a limit, batches carry as many requests as keep the account's dispatches near
-this many a second at its current rate: each dispatch costs Temporal and the workers a
-fixed amount, and a tenth of a second's worth of the rate is a small burst."""
+this many a second at its rate: each dispatch costs Temporal and the workers a fixed
+amount, and ten a second keep priority and fairness quick to switch."""
 MAX_REQUESTS_PER_BATCH = 10
 """At most this many requests a batch, whatever the ceiling (priority and fairness
 order batches: smaller ones let them switch sooner)."""
@@ -177,11 +177,24 @@ def decide(limits: Limits, state: Adaptive, window: Window) -> Decision:
 def requests_per_batch(requests_per_second: float | None) -> int:
     """How many provider requests one batch activity carries at most at this rate:
     ``BATCHES_PER_SECOND`` dispatches a second, from 1 (under 20 requests/s) to
-    ``MAX_REQUESTS_PER_BATCH``; 1 with no limit (the queue counts nothing then)."""
+    ``MAX_REQUESTS_PER_BATCH``; 1 with no limit.
+
+    It follows the adaptive rate, so the queue dispatches about ten batches a second
+    at any rate: Temporal's rate limiter lets a burst of a few dispatches through, and
+    a few small batches are a small burst at the provider.
+    """
     if requests_per_second is None:
         return 1
     per_batch = math.floor(requests_per_second / BATCHES_PER_SECOND)
     return max(1, min(MAX_REQUESTS_PER_BATCH, per_batch))
+
+
+def request_spacing(requests_per_second: float | None) -> float:
+    """Seconds between the starts of one batch's requests at this rate (0: no limit),
+    so a batch sends at the account's rate rather than in one burst."""
+    if not requests_per_second:
+        return 0.0
+    return 1.0 / requests_per_second
 
 
 def queue_rate(requests_per_second: float | None, requests_per_batch: int) -> float | None:

@@ -15,6 +15,7 @@ from campaigns.rate_control import (
     decide,
     limit_problem,
     queue_rate,
+    request_spacing,
     requests_per_batch,
 )
 
@@ -39,6 +40,11 @@ def test_a_batch_carries_a_tenth_of_a_seconds_requests_from_1_to_10(
     rate: float | None, per_batch: int
 ) -> None:
     assert requests_per_batch(rate) == per_batch
+
+
+def test_a_batch_spaces_its_requests_at_the_rate() -> None:
+    assert request_spacing(50) == 0.02 and request_spacing(4) == 0.25
+    assert request_spacing(None) == 0.0
 
 
 def test_the_queue_dispatches_the_rate_in_batches() -> None:
