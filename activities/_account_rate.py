@@ -8,8 +8,8 @@ answers the process sees and, every ``TICK_SECONDS`` while it sends (at once aft
 enough decides the next rate (``campaigns.rate_control.decide``). When the rate the
 row holds is not the one set on the task queue, the process that sees it sets it; it
 sets it again every ``REAPPLY_SECONDS`` while sending, so a Temporal server that lost
-it gets it back. It also tells the batches how many requests they may carry now and
-how far apart to send them.
+it gets it back. It also tells the batches how many requests one attempt may send now
+and how far apart.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class BatchPace:
     """How one batch sends under the account's limit."""
 
     requests: int
-    """The most requests it sends (the rest wait for its next attempt)."""
+    """The most requests one attempt sends (the rest wait for its next attempt)."""
     spacing: float
     """Seconds between the starts of its requests."""
 
@@ -120,14 +120,14 @@ class AccountRate:
         target, queue = account.target_rps, account.queue_rate
         stale = account.since_applied is None or account.since_applied > REAPPLY_SECONDS
         if queue != account.applied_rps or (queue is not None and stale):
-            await self._apply(queue, account.requests_per_batch)
+            await self._apply(queue, account.requests_per_dispatch)
         ceiling = account.ceiling_rps
         if target is not None and ceiling is not None:
             metrics.worker().account_rate(self._account, target, ceiling)
 
     async def batch_pace(self) -> BatchPace | None:
-        """How a batch sends now: the account's requests per batch and the spacing of
-        its requests at the account's rate, as read at most ``PACE_FRESH_SECONDS`` ago;
+        """How a batch sends now: the account's requests per dispatch and the spacing
+        of its requests at the account's rate, as read at most ``PACE_FRESH_SECONDS`` ago;
         None when the account has no limit (or was never read: the queue's rate limit
         still holds, and the next batch asks again)."""
         if time.monotonic() - self._pace_read_at > PACE_FRESH_SECONDS:
@@ -142,13 +142,13 @@ class AccountRate:
 
     def _remember(self, account: accounts.Account) -> None:
         self._pace = (
-            BatchPace(account.requests_per_batch, request_spacing(account.target_rps))
+            BatchPace(account.requests_per_dispatch, request_spacing(account.target_rps))
             if account.limits.limited
             else None
         )
         self._pace_read_at = time.monotonic()
 
-    async def _apply(self, batches_per_second: float | None, requests_per_batch: int) -> None:
+    async def _apply(self, batches_per_second: float | None, requests_per_dispatch: int) -> None:
         """Set the task queue's rate limit, then record that it is set."""
         try:
             await set_queue_rate_limit(
@@ -167,7 +167,7 @@ class AccountRate:
             account=self._account,
             task_queue=self._queue,
             batches_per_second=batches_per_second,
-            requests_per_batch=requests_per_batch,
+            requests_per_dispatch=requests_per_dispatch,
         )
 
     async def close(self) -> None:

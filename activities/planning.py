@@ -201,10 +201,10 @@ class PlanningActivities:
     async def plan_sends(self, request: PlanSendsInput) -> SendPlan:
         """The next ranges, sized for the provider account, and the campaign's limits.
 
-        Under an account limit a range is the account's requests per batch (1 to 10
-        provider requests of ``batch_size`` recipients, by its current rate), so
-        that the account's task queue, whose rate limit counts activities, dispatches
-        a known number of requests, and its fairness shares requests among orgs.
+        Under an account limit a range is the account's requests per batch (1 to 8
+        provider requests of ``batch_size`` recipients, by its configured ceiling),
+        sent in dispatches the account's task queue counts (``send_batch``), so that
+        its rate limit counts requests and its fairness shares requests among orgs.
         Without one, a range is ``recipients_per_activity`` as before. The org's cap
         is shared equally among its campaigns that are sending.
         """

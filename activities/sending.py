@@ -31,14 +31,14 @@ import asyncpg
 import structlog
 from pydantic import ValidationError
 from temporalio import activity
-from temporalio.exceptions import ApplicationError
+from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 
 from activities._account_rate import AccountRate, BatchPace
 from activities._batch_triage import triage
 from activities.planning import scope_problem
 from campaigns import metrics
 from campaigns.contract import (
-    BATCH_RESIZED,
+    BATCH_CONTINUES,
     INVALID_SPEC_ERROR,
     PROVIDER_AUTH_ERROR,
     PROVIDER_CONFIG_ERROR,
@@ -65,9 +65,9 @@ from campaigns.unsubscribe import UnsubscribeLinks
 log = structlog.get_logger(__name__)
 
 REQUESTS_IN_FLIGHT_PER_BATCH = 10
-RESIZED_RETRY_SECONDS = 0.1
-"""How soon a batch cut to the account's requests per batch goes back into its queue
-for the rest (the queue's rate limit spaces it from there)."""
+CONTINUE_AFTER_SECONDS = 0.1
+"""How soon a batch that sent one dispatch's worth goes back into its queue for the
+rest (the queue's rate limit spaces it from there)."""
 # Stands in for the unsubscribe link while an html body's links are pointed at the
 # tracking host: the link goes straight to the unsubscribe page, never through a
 # click redirect. Letters and digits only, so escaping and quoting leave it as it is.
@@ -344,9 +344,9 @@ class SendingActivities:
             _Request.new(campaign.campaign_id, fresh[i : i + batch.batch_size])
             for i in range(0, len(fresh), batch.batch_size)
         ]
-        # A batch planned before the account's limits changed may carry more requests
-        # than one dispatch of its queue stands for: send that many, the rest on the
-        # next attempt, which the queue dispatches at its rate like any other batch.
+        # One attempt sends what one dispatch of the account's queue stands for at the
+        # current rate; the rest go on the next attempt, which the queue dispatches at
+        # its rate like any other (the ledger and the plan tell it what is left).
         pace = await self._pace()
         allowed = pace.requests if pace is not None else None
         deferred = 0
@@ -402,12 +402,15 @@ class SendingActivities:
                 next_retry_delay=timedelta(seconds=max(throttled_for, 0.1)),
             )
         if deferred:
-            log.info("batch resized", sent_requests=len(requests), deferred_requests=deferred)
+            log.info("batch continues", sent_requests=len(requests), left_requests=deferred)
             raise ApplicationError(
-                f"{deferred} requests left for the next attempt: the account's batches "
-                f"carry at most {allowed} now",
-                type=BATCH_RESIZED,
-                next_retry_delay=timedelta(seconds=RESIZED_RETRY_SECONDS),
+                f"{deferred} requests left for the next attempt ({allowed} a dispatch "
+                "at the account's rate now)",
+                type=BATCH_CONTINUES,
+                next_retry_delay=timedelta(seconds=CONTINUE_AFTER_SECONDS),
+                # the normal path of a batch larger than a dispatch: no warning, no
+                # failure metric
+                category=ApplicationErrorCategory.BENIGN,
             )
 
         for status in outcomes.statuses:

@@ -161,13 +161,18 @@ class AccountCapacity(BaseModel):
     )
     requests_per_batch: int = Field(
         default=1,
-        description="The most provider requests one batch activity carries (by the "
+        description="The provider requests a batch activity is planned with (by the "
         "configured ceiling, 1 to 10).",
+    )
+    requests_per_dispatch: int = Field(
+        default=1,
+        description="The most requests one attempt of a batch sends at the current rate "
+        "(a divisor of requests_per_batch).",
     )
     queue_rate_limit: float | None = Field(
         default=None,
-        description="The rate limit last recorded as set on the task queue: batches/s, "
-        "each at most requests_per_batch requests.",
+        description="The rate limit last recorded as set on the task queue: dispatches/s, "
+        "each at most requests_per_dispatch requests.",
     )
     recent_answered: float = Field(
         description="Answers other than 429 in about the last 30 s (decayed)."
@@ -250,6 +255,7 @@ def account_capacity(account: accounts.Account) -> AccountCapacity:
         advertised_rps=advertised,
         throttled_at_rps=account.adaptive.throttled_at,
         requests_per_batch=account.requests_per_batch,
+        requests_per_dispatch=account.requests_per_dispatch,
         queue_rate_limit=account.applied_rps,
         recent_answered=account.recent_answered,
         recent_throttled=account.recent_throttled,

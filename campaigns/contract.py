@@ -44,9 +44,9 @@ PROVIDER_CONFIG_ERROR = "ProviderConfigError"
 """Non-retryable: the provider's base URL is wrong (404, 405, a redirect)."""
 PROVIDER_THROTTLED = "ProviderThrottled"
 """Retryable after the provider's ``retry-after``."""
-BATCH_RESIZED = "BatchResized"
-"""Retryable at once: the batch sent what the account's requests per batch allow now
-(its limits changed after it was planned) and leaves the rest to its next attempt."""
+BATCH_CONTINUES = "BatchContinues"
+"""Retryable at once (benign): the batch sent what one dispatch of the account's queue
+allows at its current rate and sends the rest on its next attempts."""
 REFRESH_REFUSED_ERROR = "FirstPartyRefreshRefused"
 """Non-retryable: the data cannot give a trustworthy first-party set."""
 DATABASE_UNAVAILABLE_ERROR = "FirstPartyRefreshDatabaseUnavailable"

@@ -1,10 +1,11 @@
 """The shared send limit's decisions: pure functions, no I/O.
 
 One provider account is shared by every campaign and worker. Its batch activities run
-on a task queue of their own, each activity at most ``requests_per_batch`` provider
-requests, and Temporal's task-queue rate limit dispatches them at the account's
-*current rate* in requests/s divided by that number (see ARCHITECTURE.md, "The shared
-send limit"). This module decides that rate and that number.
+on a task queue of their own, each attempt of an activity at most
+``requests_per_dispatch`` provider requests, and Temporal's task-queue rate limit
+dispatches them at the account's *current rate* in requests/s divided by that number
+(see ARCHITECTURE.md, "The shared send limit"). This module decides that rate and the
+sizes.
 
 Every half second one worker process folds what all processes saw since the last
 decision (answers, 429s) into the account's row and calls ``decide``:
@@ -46,9 +47,11 @@ MAX_EMAILS_PER_SECOND = 10_000_000.0
 MIN_RATE = 0.1
 """The rate never falls below this (requests/s), nor below ``FLOOR_SHARE`` of the ceiling."""
 FLOOR_SHARE = 0.02
-BUSY_SHARE = 0.7
+BUSY_SHARE = 0.5
 """Answers at this share of the rate or more mean the account uses its rate: probing
-up tells something. Below it the campaigns ask for less, and the rate stays."""
+up tells something. Below it the campaigns ask for less, and the rate stays. Half, not
+more: just after a rise, the batches already queued are the smaller ones of the lower
+rate, and the account sends less than its rate until they are gone."""
 DECREASE_TO_ACCEPTED = 0.95
 MIN_DECREASE = 0.9
 MAX_DECREASE = 0.5
@@ -59,11 +62,13 @@ FORGET_THROTTLED_AT = 1.3
 """Past this multiple of the last 429's rate without a 429, the provider allows more."""
 BATCHES_PER_SECOND = 10.0
 """Under a limit, batches carry as many requests as keep the account's dispatches near
-this many a second at its rate: each dispatch costs Temporal and the workers a fixed
+this many a second at its ceiling, and send them in dispatches of about as many a
+second at its current rate: each dispatch costs Temporal and the workers a fixed
 amount, and ten a second keep priority and fairness quick to switch."""
-MAX_REQUESTS_PER_BATCH = 10
-"""At most this many requests a batch, whatever the ceiling (priority and fairness
-order batches: smaller ones let them switch sooner)."""
+BATCH_SIZES = (1, 2, 4, 6, 8)
+"""The requests a batch may be planned with: at most 8 (priority and fairness order
+batches, and smaller ones let them switch sooner), and sizes with many divisors, so
+that at a lower rate a batch still sends in a few even dispatches."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,19 +179,30 @@ def decide(limits: Limits, state: Adaptive, window: Window) -> Decision:
     )
 
 
-def requests_per_batch(requests_per_second: float | None) -> int:
-    """How many provider requests one batch activity carries at most at this rate:
-    ``BATCHES_PER_SECOND`` dispatches a second, from 1 (under 20 requests/s) to
-    ``MAX_REQUESTS_PER_BATCH``; 1 with no limit.
+def requests_per_batch(ceiling: float | None) -> int:
+    """How many provider requests one batch activity is planned with under this
+    ceiling (requests/s): about ``BATCHES_PER_SECOND`` dispatches a second at the
+    ceiling, the largest of ``BATCH_SIZES`` that is not more; 1 with no limit."""
+    if ceiling is None:
+        return 1
+    wanted = math.floor(ceiling / BATCHES_PER_SECOND)
+    return max((size for size in BATCH_SIZES if size <= wanted), default=1)
 
-    It follows the adaptive rate, so the queue dispatches about ten batches a second
-    at any rate: Temporal's rate limiter lets a burst of a few dispatches through, and
-    a few small batches are a small burst at the provider.
+
+def requests_per_dispatch(requests_per_second: float | None, per_batch: int) -> int:
+    """How many requests one dispatch of the account's queue (one attempt of a batch)
+    sends at this rate: about a tenth of a second's worth, and a divisor of the
+    batch's ``per_batch`` so that every attempt of a batch sends as many.
+
+    A batch carries ``per_batch`` requests whatever the rate; at a lower rate it sends
+    them over several attempts, each dispatched by the queue at the rate over this
+    number, so the queue's count of dispatches is a count of requests at any rate and
+    a rise of the rate reaches the batches already queued at once.
     """
     if requests_per_second is None:
-        return 1
-    per_batch = math.floor(requests_per_second / BATCHES_PER_SECOND)
-    return max(1, min(MAX_REQUESTS_PER_BATCH, per_batch))
+        return per_batch
+    wanted = max(1, math.floor(requests_per_second / BATCHES_PER_SECOND))
+    return max(d for d in range(1, per_batch + 1) if per_batch % d == 0 and d <= wanted)
 
 
 def request_spacing(requests_per_second: float | None) -> float:
@@ -197,12 +213,12 @@ def request_spacing(requests_per_second: float | None) -> float:
     return 1.0 / requests_per_second
 
 
-def queue_rate(requests_per_second: float | None, requests_per_batch: int) -> float | None:
-    """The task queue's rate limit (batches/s) that sends ``requests_per_second`` in
-    batches of ``requests_per_batch`` requests; None: no limit."""
+def queue_rate(requests_per_second: float | None, per_dispatch: int) -> float | None:
+    """The task queue's rate limit (dispatches/s) that sends ``requests_per_second`` in
+    dispatches of ``per_dispatch`` requests; None: no limit."""
     if requests_per_second is None:
         return None
-    return requests_per_second / max(1, requests_per_batch)
+    return requests_per_second / max(1, per_dispatch)
 
 
 def decayed(previous: float, added: float, seconds: float) -> float:

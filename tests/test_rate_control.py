@@ -17,6 +17,7 @@ from campaigns.rate_control import (
     queue_rate,
     request_spacing,
     requests_per_batch,
+    requests_per_dispatch,
 )
 
 
@@ -33,13 +34,47 @@ def test_the_ceiling_is_the_tightest_of_requests_and_emails() -> None:
 
 
 @pytest.mark.parametrize(
-    ("rate", "per_batch"),
-    [(None, 1), (0.5, 1), (19.9, 1), (20, 2), (50, 5), (80, 8), (100, 10), (5_000, 10)],
+    ("ceiling", "per_batch"),
+    [
+        (None, 1),
+        (0.5, 1),
+        (19.9, 1),
+        (20, 2),
+        (39, 2),
+        (50, 4),
+        (60, 6),
+        (79, 6),
+        (80, 8),
+        (5_000, 8),
+    ],
 )
-def test_a_batch_carries_a_tenth_of_a_seconds_requests_from_1_to_10(
-    rate: float | None, per_batch: int
+def test_a_batch_carries_about_a_tenth_of_a_seconds_requests_from_1_to_8(
+    ceiling: float | None, per_batch: int
 ) -> None:
-    assert requests_per_batch(rate) == per_batch
+    assert requests_per_batch(ceiling) == per_batch
+
+
+@pytest.mark.parametrize(
+    ("rate", "per_batch", "per_dispatch"),
+    [
+        (50, 5, 5),
+        (20, 10, 2),
+        (30, 10, 2),
+        (80, 10, 5),
+        (100, 10, 10),
+        (8, 10, 1),
+        (50, 4, 4),
+        (30, 4, 2),
+        (None, 6, 6),
+        (45, 5, 1),
+    ],
+)
+def test_a_dispatch_sends_a_divisor_of_the_batch_near_a_tenth_of_a_second(
+    rate: float | None, per_batch: int, per_dispatch: int
+) -> None:
+    """Every attempt of a batch sends as many requests, and never more than a tenth of
+    a second's worth (rounded down to a divisor of the batch)."""
+    assert requests_per_dispatch(rate, per_batch) == per_dispatch
 
 
 def test_a_batch_spaces_its_requests_at_the_rate() -> None:
@@ -48,8 +83,8 @@ def test_a_batch_spaces_its_requests_at_the_rate() -> None:
 
 
 def test_the_queue_dispatches_the_rate_in_batches() -> None:
-    assert queue_rate(50, requests_per_batch(50)) == 10
-    assert queue_rate(8, requests_per_batch(8)) == 8
+    assert queue_rate(50, requests_per_dispatch(50, 4)) == 12.5
+    assert queue_rate(8, requests_per_dispatch(8, 10)) == 8
     assert queue_rate(None, 1) is None
 
 

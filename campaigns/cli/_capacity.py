@@ -47,12 +47,12 @@ def _count_requests(count: int) -> str:
     return f"{count} request{'' if count == 1 else 's'}"
 
 
-def _queue(batches_per_second: float | None, requests_per_batch: int) -> str:
+def _queue(dispatches_per_second: float | None, requests_per_dispatch: int) -> str:
     """The task queue's rate limit, and the requests it stands for."""
-    if batches_per_second is None:
+    if dispatches_per_second is None:
         return "none (last recorded)"
-    requests = _requests(batches_per_second * requests_per_batch)
-    return f"{rate_text(batches_per_second, 'batches/s')} = {requests} (last recorded)"
+    requests = _requests(dispatches_per_second * requests_per_dispatch)
+    return f"{rate_text(dispatches_per_second, 'dispatches/s')} = {requests} (last recorded)"
 
 
 def account_lines(account: AccountCapacity) -> list[Text]:
@@ -72,8 +72,12 @@ def account_lines(account: AccountCapacity) -> list[Text]:
         ("emails/s limit", rate_text(account.emails_per_second)),
         ("ceiling", ceiling),
         ("current rate", current),
-        ("batch size", f"at most {_count_requests(account.requests_per_batch)}"),
-        ("set on the queue", _queue(account.queue_rate_limit, account.requests_per_batch)),
+        (
+            "batch size",
+            f"{_count_requests(account.requests_per_batch)}, "
+            f"{account.requests_per_dispatch} a dispatch now",
+        ),
+        ("set on the queue", _queue(account.queue_rate_limit, account.requests_per_dispatch)),
         (
             "recent 429s",
             f"{account.recent_throttle_ratio:.1%} ({throttled:,.0f} of "
@@ -145,8 +149,8 @@ async def cmd_account_set(args: Namespace, settings: Settings, console: Console)
     for line in account_lines(account_capacity(after)):
         console.print(line)
     rate = (
-        f"{rate_text(queue_rate, 'batches/s')} of at most "
-        f"{_count_requests(after.requests_per_batch)} = {_requests(target)}"
+        f"{rate_text(queue_rate, 'dispatches/s')} of at most "
+        f"{_count_requests(after.requests_per_dispatch)} = {_requests(target)}"
         if queue_rate is not None and target is not None
         else "no rate limit"
     )
@@ -224,11 +228,11 @@ def capacity_view(capacity: Capacity) -> RenderableType:
         parts.append(
             literal(
                 f"task queue {queue.task_queue}\n"
-                f"  {'rate limit':<17} {rate_text(queue.rate_limit, 'batches/s')}"
+                f"  {'rate limit':<17} {rate_text(queue.rate_limit, 'dispatches/s')}"
                 " (set on Temporal)\n"
                 f"  {'backlog':<17} {queue.backlog:,} batches waiting "
                 f"(oldest {queue.backlog_age_seconds:,.1f} s)\n"
-                f"  {'dispatch rate':<17} {rate_text(queue.dispatch_rate, 'batches/s')}"
+                f"  {'dispatch rate':<17} {rate_text(queue.dispatch_rate, 'dispatches/s')}"
             )
         )
     elif capacity.queue_error:

@@ -23,6 +23,7 @@ from campaigns.rate_control import (
     ceiling_with,
     queue_rate,
     requests_per_batch,
+    requests_per_dispatch,
 )
 from campaigns.store._pool import Conn
 
@@ -99,13 +100,18 @@ class Account:
 
     @property
     def requests_per_batch(self) -> int:
-        """The most provider requests one batch carries at the current rate."""
-        return requests_per_batch(self.target_rps)
+        """The provider requests a batch is planned with under the configured limits."""
+        return requests_per_batch(self.limits.ceiling())
+
+    @property
+    def requests_per_dispatch(self) -> int:
+        """The most requests one attempt of a batch sends at the current rate."""
+        return requests_per_dispatch(self.target_rps, self.requests_per_batch)
 
     @property
     def queue_rate(self) -> float | None:
-        """The task queue's rate limit, batches/s, that sends at ``target_rps``."""
-        return queue_rate(self.target_rps, self.requests_per_batch)
+        """The task queue's rate limit, dispatches/s, that sends at ``target_rps``."""
+        return queue_rate(self.target_rps, self.requests_per_dispatch)
 
     @property
     def ceiling_rps(self) -> float | None:
