@@ -148,17 +148,17 @@ class AccountRate:
         )
         self._pace_read_at = time.monotonic()
 
-    async def _apply(self, batches_per_second: float | None, requests_per_dispatch: int) -> None:
+    async def _apply(self, dispatches_per_second: float | None, requests_per_dispatch: int) -> None:
         """Set the task queue's rate limit, then record that it is set."""
         try:
             await set_queue_rate_limit(
                 self._client,
                 self._queue,
-                batches_per_second,
+                dispatches_per_second,
                 f"shared rate of provider account {self._account}",
             )
             async with self._pool.acquire() as conn:
-                await accounts.mark_applied(conn, self._account, batches_per_second)
+                await accounts.mark_applied(conn, self._account, dispatches_per_second)
         except (RPCError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
             self._complain("account rate not set on the task queue", exc)
             return
@@ -166,7 +166,7 @@ class AccountRate:
             "account rate set",
             account=self._account,
             task_queue=self._queue,
-            batches_per_second=batches_per_second,
+            dispatches_per_second=dispatches_per_second,
             requests_per_dispatch=requests_per_dispatch,
         )
 

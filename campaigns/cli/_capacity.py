@@ -168,7 +168,7 @@ async def cmd_account_set(args: Namespace, settings: Settings, console: Console)
 
 
 async def _apply(
-    settings: Settings, queue: str, batches_per_second: float | None, account_id: str
+    settings: Settings, queue: str, dispatches_per_second: float | None, account_id: str
 ) -> str | None:
     """Set the queue's rate limit; None when done, else why it was not (in our words)."""
     try:
@@ -177,7 +177,7 @@ async def _apply(
             await set_queue_rate_limit(
                 client,
                 queue,
-                batches_per_second,
+                dispatches_per_second,
                 f"limits of provider account {account_id} changed",
             )
     except TimeoutError:

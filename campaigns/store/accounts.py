@@ -79,7 +79,7 @@ class Account:
     limits: Limits
     adaptive: Adaptive
     applied_rps: float | None
-    """The rate limit last set on the account's task queue, batches/s (Temporal's
+    """The rate limit last set on the account's task queue, dispatches/s (Temporal's
     "requests" are our batch activities); None: none set."""
     since_applied: float | None
     """Seconds since the rate was last set on the task queue; None: never."""
@@ -203,6 +203,6 @@ async def report(
         return _account(row)
 
 
-async def mark_applied(conn: Conn, account_id: str, batches_per_second: float | None) -> None:
+async def mark_applied(conn: Conn, account_id: str, dispatches_per_second: float | None) -> None:
     """Record the rate limit now set on the account's task queue (None: none)."""
-    await conn.execute(_APPLIED, account_id, batches_per_second)
+    await conn.execute(_APPLIED, account_id, dispatches_per_second)
