@@ -162,7 +162,7 @@ class AccountCapacity(BaseModel):
     requests_per_batch: int = Field(
         default=1,
         description="The provider requests a batch activity is planned with (by the "
-        "configured ceiling, 1 to 10).",
+        "configured ceiling: 1, 2, 4, 6 or 8).",
     )
     requests_per_dispatch: int = Field(
         default=1,
@@ -185,10 +185,12 @@ class QueueCapacity(BaseModel):
     """What Temporal reports of the account's task queue."""
 
     task_queue: str
-    rate_limit: float | None = Field(description="Batch activities/s; None: none set.")
+    rate_limit: float | None = Field(
+        description="Dispatches (attempts of batch activities)/s; None: none set."
+    )
     backlog: int
     backlog_age_seconds: float
-    dispatch_rate: float = Field(description="Activities started per second lately.")
+    dispatch_rate: float = Field(description="Attempts started per second lately.")
 
 
 class CampaignCapacity(BaseModel):

@@ -50,8 +50,8 @@ FLOOR_SHARE = 0.02
 BUSY_SHARE = 0.5
 """Answers at this share of the rate or more mean the account uses its rate: probing
 up tells something. Below it the campaigns ask for less, and the rate stays. Half, not
-more: just after a rise, the batches already queued are the smaller ones of the lower
-rate, and the account sends less than its rate until they are gone."""
+more: just after a rise, batches with fewer requests left than a dispatch now sends
+keep the account under its rate for a few seconds, and the climb must not stop there."""
 DECREASE_TO_ACCEPTED = 0.95
 MIN_DECREASE = 0.9
 MAX_DECREASE = 0.5

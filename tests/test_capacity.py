@@ -215,7 +215,7 @@ async def test_account_set_and_show_round_trip_and_apply_the_queue_rate_at_once(
     assert "requests/s limit 40" in out and "emails/s limit none" in out
     assert "ceiling 40 requests/s (configured)" in out
     assert "current rate 40 requests/s (at most 4,000 emails/s, 100 per request)" in out
-    # a tenth of a second's worth a batch: 4 requests, 10 batches/s on the queue
+    # a tenth of a second's worth a dispatch: 4 requests, 10 dispatches/s on the queue
     assert f"task queue {queue}: 10 dispatches/s of at most 4 requests = 40 requests/s" in out
     assert "batch size 4 requests, 4 a dispatch now" in out
     assert (await describe_queue(client, queue)).rate_limit == 10.0
