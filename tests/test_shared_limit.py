@@ -475,7 +475,7 @@ async def test_an_orgs_cap_is_shared_by_its_campaigns(
     ids = [spec.campaign_id for spec in specs]
     for spec in specs:
         status = await _finished(campaigns, spec.campaign_id, within=60)
-        assert status.counts.sent == 12_000
+        assert status.counts.sent == 6_000
     first_sent, last_sent = await setup.pool.fetchrow(
         """SELECT extract(epoch FROM min(sent_at))::float8, extract(epoch FROM max(sent_at))::float8
            FROM deliveries WHERE campaign_id = ANY($1)""",
