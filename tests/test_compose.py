@@ -611,6 +611,7 @@ def test_temporal_runs_with_the_dynamic_config_the_campaigns_need(
 ) -> None:
     import yaml
 
+    from campaigns.contract import send_task_queue
     from campaigns.search_attributes import dynamic_config_flags
 
     temporal = services(compose)["temporal"]
@@ -625,3 +626,9 @@ def test_temporal_runs_with_the_dynamic_config_the_campaigns_need(
         name, value = flag.removeprefix("--dynamic-config-value=").split("=", 1)
         assert config[name][0]["value"] == yaml.safe_load(value), name
     assert config["matching.enableFairness"][0]["value"] is True
+    # The partitions only for the send queue of the task queue docker-compose runs.
+    task_queue = environment(services(compose)["worker"])["CAMPAIGNS_TASK_QUEUE"]
+    assert task_queue == "${CAMPAIGNS_TASK_QUEUE:-campaigns}"
+    queue = send_task_queue("campaigns")
+    for name in ("matching.numTaskqueueReadPartitions", "matching.numTaskqueueWritePartitions"):
+        assert config[name] == [{"value": 1, "constraints": {"taskQueueName": queue}}], name

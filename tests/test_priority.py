@@ -3,7 +3,7 @@
 The spec's ``priority`` and the ``set_priority`` update refuse values outside 1-5
 naming the range; a live change shows in the status and in the ``Priority`` of the
 activities scheduled after it. Ordering is measured on a dev server of the module's
-own with one read and one write partition (fairness is exact only then) and a worker
+own with one partition a queue, as the stack's (fairness is exact only then), and a worker
 that runs one activity at a time: a small org's campaign started behind a big org's
 backlog is interleaved with it, and a priority-1 campaign goes before a priority-3
 backlog.
@@ -274,16 +274,14 @@ async def test_the_official_cli_changes_the_priority_and_ours_too(
 
 @pytest.fixture(scope="module")
 async def exact_env() -> AsyncIterator[WorkflowEnvironment]:
-    """A dev server whose task queues have one partition: fairness and priority exact."""
+    """A dev server of the module's own (its one-slot worker runs a maintenance worker,
+    which the session's server has already), whose task queues have one partition as
+    the stack's do: fairness and priority exact."""
     env = await WorkflowEnvironment.start_local(
         dev_server_existing_path=temporal_cli(),
         search_attributes=sa.ALL,
         data_converter=pydantic_data_converter,
-        dev_server_extra_args=[
-            *sa.dynamic_config_flags(),
-            "--dynamic-config-value=matching.numTaskqueueReadPartitions=1",
-            "--dynamic-config-value=matching.numTaskqueueWritePartitions=1",
-        ],
+        dev_server_extra_args=sa.dynamic_config_flags(),  # one partition a queue
     )
     yield env
     await env.shutdown()

@@ -366,8 +366,8 @@ async def test_two_orgs_share_the_limit_fairly(
     requests/s, and finishes long before the big one."""
     await setup.limit(20)
     big_org, small_org = await make_org(setup.pool), await make_org(setup.pool)
-    # 60 batches of 2 requests for the small org (20 requests/s: 2 a batch): the
-    # queue's four partitions are each fair on their own, so the share is an average
+    # 60 batches of 2 requests for the small org (20 requests/s: 2 a batch), so the
+    # share is measured over many of the queue's turns
     big = setup.spec(big_org, await setup.audience(big_org, 80_000))
     small = setup.spec(small_org, await setup.audience(small_org, 12_000))
     campaigns = setup.campaigns()
