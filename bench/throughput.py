@@ -18,6 +18,11 @@ involved (median over the runs), which does not depend on the machine's load as
 throughput does. It also prints the worker's peak RSS and the largest history of any
 run of the workflow.
 
+The simulator's webhooks are off, as in bench/shared_limit.py (bench/webhooks.py
+measures that path): each run's ledger rows are deleted after it, so the events still
+arriving for its messages would stay unmatched and be tried again for an hour, loading
+every later run on the same database.
+
     python bench/throughput.py --recipients 10000 100000 --pairs 3
 """
 
@@ -51,6 +56,7 @@ from bench._harness import (  # noqa: E402
     BENCH_ORG,
     BenchStack,
     bench_stack,
+    disable_simulator_webhooks,
     ensure_audience,
     format_spread,
     spread_dict,
@@ -441,6 +447,7 @@ async def main() -> None:
         postgres, postgres_note = await locate_postgres(bench.pool, private=bench.private_postgres)
         if postgres is None:
             postgres_note = f"n/a: {postgres_note}"
+        await disable_simulator_webhooks(bench)
         client = await CampaignClient.connect(bench.settings)
         warmup = None
         if not args.no_warmup:
