@@ -312,24 +312,35 @@ async def test_soft_bounces_in_a_row_suppress_and_a_delivery_resets_the_streak(
     def at(minutes: int) -> str:
         return (start + timedelta(minutes=minutes)).isoformat()
 
-    for n, (_spec, ids) in enumerate(runs):
-        await post_event(api, event("email.bounced", ids[streaky], at=at(n), bounce=transient))
+    payloads = [
+        event("email.bounced", ids[streaky], at=at(n), bounce=transient)
+        for n, (_spec, ids) in enumerate(runs)
+    ]
     # reset: soft, soft, delivered (later than both), soft: the streak is 1, not 3.
     (_, ids0), (_, ids1), (_, ids2) = runs
-    await post_event(api, event("email.bounced", ids0[reset], at=at(0), bounce=transient))
-    await post_event(api, event("email.bounced", ids1[reset], at=at(1), bounce=transient))
-    await post_event(api, event("email.delivered", ids1[reset], at=at(2)))
-    await post_event(api, event("email.bounced", ids2[reset], at=at(3), bounce=transient))
-
-    found = await eventually(lambda: suppressions(pool, org), what="a suppression")
-    streak = await eventually(
+    payloads += [
+        event("email.bounced", ids0[reset], at=at(0), bounce=transient),
+        event("email.bounced", ids1[reset], at=at(1), bounce=transient),
+        event("email.delivered", ids1[reset], at=at(2)),
+        event("email.bounced", ids2[reset], at=at(3), bounce=transient),
+    ]
+    svix_ids = [f"msg_{unique('streak')}" for _ in payloads]
+    for payload, svix_id in zip(payloads, svix_ids, strict=True):
+        assert (await post_event(api, payload, svix_id=svix_id)).status_code == 200
+    # The streak reads 1 after the first soft bounce as well: read it once all are applied.
+    await eventually(
         lambda: pool.fetchval(
-            "SELECT soft_in_a_row FROM bounce_streaks WHERE org_id = $1 AND email = $2",
-            org,
-            reset,
+            "SELECT count(*) FROM webhook_events"
+            " WHERE svix_id = ANY($1) AND applied_at IS NOT NULL",
+            svix_ids,
         ),
-        lambda value: value == 1,
-        what="the reset streak",
+        lambda applied: applied == len(svix_ids),
+        what="every event applied",
+    )
+
+    found = await suppressions(pool, org)
+    streak = await pool.fetchval(
+        "SELECT soft_in_a_row FROM bounce_streaks WHERE org_id = $1 AND email = $2", org, reset
     )
     assert streak == 1
     assert found == {streaky: ("bounced", runs[2][0].campaign_id)}
