@@ -256,6 +256,10 @@ async def test_batches_planned_before_a_lower_limit_send_only_what_it_allows(
     10 requests/s, and every recipient is sent once."""
     await setup.limit(30)
     assert (await setup.account()).requests_per_batch == 2
+    # Slow answers hold the first batches at the provider, so the rest of the first
+    # page (planned with 2 requests) starts after the limit drops: at full speed the
+    # queue's burst could send the whole page before it.
+    await sim.configure(latency_ms=1500)
     org = await make_org(setup.pool)
     audience = await setup.audience(org, 12_000)
     worker = processes()
@@ -264,10 +268,17 @@ async def test_batches_planned_before_a_lower_limit_send_only_what_it_allows(
     spec = setup.spec(org, audience)
     await campaigns.start(spec)
     await eventually(
-        lambda: setup.sent(spec.campaign_id), lambda sent: sent > 0, within=30, every=0.1
+        lambda: setup.pool.fetchval(
+            "SELECT count(*) FROM provider_requests WHERE campaign_id = $1", spec.campaign_id
+        ),
+        lambda planned: planned > 0,
+        within=30,
+        every=0.05,
+        what="the first requests on their way",
     )
     await setup.limit(10)
     changed = await setup.now()
+    await sim.configure(latency_ms=0)
     status = await _finished(campaigns, spec.campaign_id, within=120)
     assert status.state is CampaignState.COMPLETED and status.counts.sent == 12_000
     assert status.counts.failed == 0
