@@ -94,8 +94,27 @@ def _key_id(secret: bytes) -> bytes:
     return hashlib.sha256(b"campaigns-unsubscribe-key-id\x00" + secret).digest()[:_KEY_ID_BYTES]
 
 
-def _mac(secret: bytes, signed: bytes) -> bytes:
-    return hmac.new(secret, _PREFIX.encode() + signed, hashlib.sha256).digest()[:_MAC_BYTES]
+class _Mac:
+    """HMAC-SHA256 under one key, cut to ``_MAC_BYTES``: the RFC 2104 construction with
+    the padded key's hash states computed once. The same bytes as ``hmac.new``, at a
+    fraction of its cost, which sets up the key on every call (two tokens a message)."""
+
+    __slots__ = ("_inner", "_outer")
+
+    def __init__(self, secret: bytes) -> None:
+        block = hashlib.sha256().block_size
+        key = hashlib.sha256(secret).digest() if len(secret) > block else secret
+        key = key.ljust(block, b"\x00")
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in key))
+        self._inner.update(_PREFIX.encode())
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
+
+    def __call__(self, signed: bytes) -> bytes:
+        inner = self._inner.copy()
+        inner.update(signed)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()[:_MAC_BYTES]
 
 
 def _encode(data: bytes) -> str:
@@ -183,15 +202,16 @@ class UnsubscribeLinks:
         """``secret`` signs; it and ``previous`` verify. Raises ``UnsubscribeConfigError``
         for a bad base URL, a secret shorter than 32 characters or a bad ``mailto``."""
         self._base_url = check_base_url(base_url)
-        self._current = _check_secret(secret, "UNSUBSCRIBE_SECRET")
-        self._current_id = _key_id(self._current)
-        keys: dict[bytes, list[bytes]] = {self._current_id: [self._current]}
+        current = _check_secret(secret, "UNSUBSCRIBE_SECRET")
+        self._current_id = _key_id(current)
+        self._current = _Mac(current)
+        keys: dict[bytes, list[bytes]] = {self._current_id: [current]}
         for old in previous:
             data = _check_secret(old, "UNSUBSCRIBE_PREVIOUS_SECRETS")
             same_id = keys.setdefault(_key_id(data), [])
             if data not in same_id:
                 same_id.append(data)
-        self._keys = keys
+        self._keys = {key_id: [_Mac(data) for data in same] for key_id, same in keys.items()}
         self._mailto = check_mailto(mailto) if mailto else None
 
     @classmethod
@@ -241,7 +261,7 @@ class UnsubscribeLinks:
                 campaign_bytes,
             )
         )
-        return _PREFIX + _encode(signed + _mac(self._current, signed))
+        return _PREFIX + _encode(signed + self._current(signed))
 
     def url(self, org: str, campaign_id: str, recipient_id: int) -> str:
         """The https://.../u/TOKEN link of one recipient of one campaign."""
@@ -250,7 +270,11 @@ class UnsubscribeLinks:
     def headers(self, org: str, campaign_id: str, recipient_id: int) -> dict[str, str]:
         """``List-Unsubscribe`` (with the mailto form when configured) and
         ``List-Unsubscribe-Post`` for one message."""
-        links = [f"<{self.url(org, campaign_id, recipient_id)}>"]
+        return self.headers_for(self.url(org, campaign_id, recipient_id))
+
+    def headers_for(self, url: str) -> dict[str, str]:
+        """The same headers for a link ``url`` has already made (one token a message)."""
+        links = [f"<{url}>"]
         if self._mailto:
             links.append(f"<mailto:{quote(self._mailto, safe='@')}?subject=unsubscribe>")
         return {"List-Unsubscribe": ", ".join(links), "List-Unsubscribe-Post": ONE_CLICK}
@@ -276,8 +300,8 @@ class UnsubscribeLinks:
             raise InvalidToken("unknown_key")
         # Every candidate is compared, so timing does not tell which one matched.
         matched = False
-        for secret in candidates:
-            matched |= hmac.compare_digest(_mac(secret, signed), mac)
+        for sign in candidates:
+            matched |= hmac.compare_digest(sign(signed), mac)
         if not matched:
             raise InvalidToken("signature")
         return _parse(signed, recipient_id)

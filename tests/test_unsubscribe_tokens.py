@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 
 import pytest
 from pydantic import SecretStr
@@ -236,3 +238,14 @@ def test_one_click_bodies() -> None:
     assert one_click_requested({"confirm": ["1"]})
     assert not one_click_requested({"List-Unsubscribe": ["one-click-ish"]})
     assert not one_click_requested({})
+
+
+@pytest.mark.parametrize("secret", [SECRET, "k" * 64, "long-" * 40])
+def test_the_token_mac_is_hmac_sha256_of_the_prefix_and_body(secret: str) -> None:
+    """Tokens signed before the key's hash states were kept verify, and a token is
+    the HMAC-SHA256 of ``v1.`` and its body, whatever the key's length."""
+    token = links(secret=secret).token("acme", "spring", 42)
+    data = base64.urlsafe_b64decode(token[3:] + "=" * (-len(token[3:]) % 4))
+    signed, mac = data[:-16], data[-16:]
+    assert mac == hmac.new(secret.encode(), b"v1." + signed, hashlib.sha256).digest()[:16]
+    assert links(secret=secret).verify(token).recipient_id == 42
