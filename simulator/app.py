@@ -157,6 +157,10 @@ class SimulatorState:
     responses: Counter[int] = field(default_factory=Counter)
     replays: int = 0
     accepted_emails: int = 0
+    duplicated_recipients: int = 0
+    """Recipients delivered to more than once, kept as they happen: ``stats`` is polled
+    often, and a scan of millions of deliveries each time cost the send path."""
+    max_deliveries_per_recipient: int = 0
     tokens: float = 0.0
     tokens_at: float = field(default_factory=time.monotonic)
     rng: random.Random = field(default_factory=random.Random)
@@ -171,6 +175,8 @@ class SimulatorState:
         self.responses.clear()
         self.replays = 0
         self.accepted_emails = 0
+        self.duplicated_recipients = 0
+        self.max_deliveries_per_recipient = 0
 
     def take_token(self) -> float | None:
         """Token bucket; returns seconds to wait when the rate limit is exceeded."""
@@ -407,7 +413,13 @@ class Simulator:
             self.webhooks.accepted(message_id, email, accepted_at)
             to = email["to"] if isinstance(email["to"], list) else [email["to"]]
             for address in to:
-                state.deliveries[address.lower()] += 1
+                recipient = address.lower()
+                count = state.deliveries[recipient] + 1
+                state.deliveries[recipient] = count
+                if count == 2:
+                    state.duplicated_recipients += 1
+                if count > state.max_deliveries_per_recipient:
+                    state.max_deliveries_per_recipient = count
             state.accepted_emails += 1
             if config.keep_messages:
                 state.messages.append({"id": message_id, **email})
@@ -420,14 +432,13 @@ class Simulator:
 
     async def stats(self, request: web.Request) -> web.Response:
         """Totals: accepted emails, unique and duplicated recipients, answers by status."""
-        deliveries = self.state.deliveries
-        duplicated = sum(1 for count in deliveries.values() if count > 1)
+        state = self.state
         return web.json_response(
             {
-                "accepted_emails": self.state.accepted_emails,
-                "unique_recipients": len(deliveries),
-                "duplicated_recipients": duplicated,
-                "max_deliveries_per_recipient": max(deliveries.values(), default=0),
+                "accepted_emails": state.accepted_emails,
+                "unique_recipients": len(state.deliveries),
+                "duplicated_recipients": state.duplicated_recipients,
+                "max_deliveries_per_recipient": state.max_deliveries_per_recipient,
                 "replays": self.state.replays,
                 "responses": {str(k): v for k, v in sorted(self.state.responses.items())},
                 "pending_faults": len(self.state.faults),

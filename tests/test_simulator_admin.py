@@ -153,3 +153,21 @@ async def test_a_config_update_that_is_not_an_object_is_refused(
 ) -> None:
     answer = await _request(http, "PUT", "/_sim/config", body, _bearer(ADMIN_TOKEN))
     assert answer.status_code == 422 and answer.json()["name"] == "validation_error"
+
+
+async def test_stats_count_recipients_delivered_more_than_once(http: httpx.AsyncClient) -> None:
+    """Duplicates are what the exactly-once checks read: counted as they happen, per
+    recipient whatever the case of the address, and forgotten by a reset."""
+    admin = _bearer(ADMIN_TOKEN)
+    twice = {**EMAIL, "to": ["Twice@example.com"]}
+    batches = [[EMAIL, twice], [{**twice, "to": ["twice@example.com"]}], [twice]]
+    for batch in batches:
+        sent = await http.post("/emails/batch", json=batch, headers=_bearer(API_KEY))
+        assert sent.status_code == 200, sent.text
+    stats = (await http.get("/_sim/stats", headers=admin)).json()
+    assert stats["unique_recipients"] == 2 and stats["accepted_emails"] == 4
+    assert stats["duplicated_recipients"] == 1
+    assert stats["max_deliveries_per_recipient"] == 3
+    assert (await http.post("/_sim/reset", headers=admin)).status_code == 200
+    stats = (await http.get("/_sim/stats", headers=admin)).json()
+    assert stats["duplicated_recipients"] == 0 and stats["max_deliveries_per_recipient"] == 0
