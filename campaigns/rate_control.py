@@ -14,7 +14,8 @@ decision (answers, 429s) into the account's row and calls ``decide``:
   (``MAX_PROVIDER_BATCH`` emails each), and what the provider's ``ratelimit-*`` headers
   advertise, whichever is lowest. The rate never goes above it.
 * **Multiplicative decrease** on 429s: to just under the rate the provider accepted
-  in that window (what it really allows), by at least 10% and at most half, and at
+  in that window (what it really allows; never more than the rate it was sent), by
+  at least 10% and at most half, and at
   most once a second, since a change shows in the answers only after the requests
   already dispatched have come back.
 * **Additive increase** while the account is busy (its answers use most of the
@@ -153,7 +154,9 @@ def decide(limits: Limits, state: Adaptive, window: Window) -> Decision:
     seconds = max(window.seconds, 1e-3)
     decreased = False
     if window.throttled:
-        accepted = window.answered / seconds
+        # What it accepted, but never more than the rate sent: answers bunched in a
+        # short window (a report comes at once on a 429) read as a burst far above it.
+        accepted = min(window.answered / seconds, current)
         throttled_at = accepted if window.answered else current * MAX_DECREASE
         spaced = state.since_decrease is None or state.since_decrease >= DECREASE_SPACING_SECONDS
         if spaced:

@@ -105,6 +105,20 @@ def test_429s_bring_the_rate_just_under_what_the_provider_accepted() -> None:
     assert decision.current == pytest.approx(47.5)
 
 
+def test_answers_bunched_in_a_short_window_never_raise_the_429_rate_above_the_rate() -> None:
+    # 29 answers in a 0.2 s report read as 145/s, while the queue sent 40/s: the
+    # provider allowed at most 40, and the climb back must aim there, not at 145.
+    decision = decide(Limits(100), Adaptive(current=40), Window(0.2, 29, 3))
+    assert decision.throttled_at == 40
+    assert decision.current == pytest.approx(36)
+    after = decide(
+        Limits(100),
+        Adaptive(decision.current, decision.throttled_at, None, 2.0),
+        busy(decision.current),
+    )
+    assert after.current < 40  # back to just under it, not up to 1.25 x
+
+
 def test_a_decrease_is_at_least_a_tenth_and_at_most_a_half() -> None:
     small = decide(Limits(100), Adaptive(current=50), Window(1.0, 49, 1))
     assert small.current == pytest.approx(45)  # 0.9 x 50, though 0.95 x 49 is higher
