@@ -15,9 +15,8 @@ decision (answers, 429s) into the account's row and calls ``decide``:
   advertise, whichever is lowest. The rate never goes above it.
 * **Multiplicative decrease** on 429s: to just under the rate the provider accepted
   in that window (what it really allows; never more than the rate it was sent), by
-  at least 10% and at most half, and at
-  most once a second, since a change shows in the answers only after the requests
-  already dispatched have come back.
+  at least 10% and at most half, and at most once a second, since a change shows in
+  the answers only after the requests already dispatched have come back.
 * **Additive increase** while the account is busy (its answers use most of the
   rate) and not throttled: back to just under the rate of the last 429 quickly, then
   1% of the ceiling a second past it; far past it (the provider allows more now)

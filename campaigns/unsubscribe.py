@@ -97,7 +97,7 @@ def _key_id(secret: bytes) -> bytes:
 class _Mac:
     """HMAC-SHA256 under one key, cut to ``_MAC_BYTES``: the RFC 2104 construction with
     the padded key's hash states computed once. The same bytes as ``hmac.new``, at a
-    fraction of its cost, which sets up the key on every call (two tokens a message)."""
+    fraction of its cost: it sets up the key on every call, one a message sent."""
 
     __slots__ = ("_inner", "_outer")
 

@@ -439,9 +439,9 @@ class Simulator:
                 "unique_recipients": len(state.deliveries),
                 "duplicated_recipients": state.duplicated_recipients,
                 "max_deliveries_per_recipient": state.max_deliveries_per_recipient,
-                "replays": self.state.replays,
-                "responses": {str(k): v for k, v in sorted(self.state.responses.items())},
-                "pending_faults": len(self.state.faults),
+                "replays": state.replays,
+                "responses": {str(k): v for k, v in sorted(state.responses.items())},
+                "pending_faults": len(state.faults),
             }
         )
 
