@@ -131,7 +131,7 @@ class _Campaign:
             "to": [row.email],
             "subject": self.subject.render(values),
             "tags": self.tags,
-            "headers": unsubscribe.headers_for(url),
+            "headers": unsubscribe.headers(url),
         }
         if self.html:
             if self.html_has_links:

@@ -267,13 +267,10 @@ class UnsubscribeLinks:
         """The https://.../u/TOKEN link of one recipient of one campaign."""
         return f"{self._base_url}/u/{self.token(org, campaign_id, recipient_id)}"
 
-    def headers(self, org: str, campaign_id: str, recipient_id: int) -> dict[str, str]:
+    def headers(self, url: str) -> dict[str, str]:
         """``List-Unsubscribe`` (with the mailto form when configured) and
-        ``List-Unsubscribe-Post`` for one message."""
-        return self.headers_for(self.url(org, campaign_id, recipient_id))
-
-    def headers_for(self, url: str) -> dict[str, str]:
-        """The same headers for a link ``url`` has already made (one token a message)."""
+        ``List-Unsubscribe-Post`` for one message, whose link ``url`` made: the body's
+        link and the header's are one token."""
         links = [f"<{url}>"]
         if self._mailto:
             links.append(f"<mailto:{quote(self._mailto, safe='@')}?subject=unsubscribe>")

@@ -150,14 +150,14 @@ def test_rotation_previous_secrets_verify_and_removed_ones_do_not() -> None:
 
 def test_headers_follow_rfc_2369_and_rfc_8058() -> None:
     signer = links(base_url=BASE + "/")
-    headers = signer.headers("acme", "spring", 5)
+    headers = signer.headers(signer.url("acme", "spring", 5))
     token = signer.token("acme", "spring", 5)
     assert headers == {
         "List-Unsubscribe": f"<{BASE}/u/{token}>",
         "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
     }
     with_mailto = links(mailto="unsubscribe@acme.example")
-    assert with_mailto.headers("acme", "spring", 5)["List-Unsubscribe"] == (
+    assert with_mailto.headers(with_mailto.url("acme", "spring", 5))["List-Unsubscribe"] == (
         f"<{BASE}/u/{token}>, <mailto:unsubscribe@acme.example?subject=unsubscribe>"
     )
 
@@ -242,8 +242,8 @@ def test_one_click_bodies() -> None:
 
 @pytest.mark.parametrize("secret", [SECRET, "k" * 64, "long-" * 40])
 def test_the_token_mac_is_hmac_sha256_of_the_prefix_and_body(secret: str) -> None:
-    """Tokens signed before the key's hash states were kept verify, and a token is
-    the HMAC-SHA256 of ``v1.`` and its body, whatever the key's length."""
+    """A token's MAC is the HMAC-SHA256 of ``v1.`` and its body as ``hmac.new`` makes
+    it (so tokens already sent still verify), whatever the key's length."""
     token = links(secret=secret).token("acme", "spring", 42)
     data = base64.urlsafe_b64decode(token[3:] + "=" * (-len(token[3:]) % 4))
     signed, mac = data[:-16], data[-16:]
