@@ -136,11 +136,13 @@ def _error(status: int, name: str, message: str, **headers: str) -> web.Response
     )
 
 
-@dataclass
+@dataclass(slots=True)
 class _Stored:
     body_hash: str
     status: int
-    payload: dict[str, Any]
+    body: bytes
+    """The answer as sent: bytes hold no objects for the garbage collector to walk
+    (a dict of 100 ids per request, for a day, made it a third of the send path)."""
     expires_at: float
 
 
@@ -359,7 +361,7 @@ class Simulator:
                     )
                 state.replays += 1
                 return web.Response(
-                    body=orjson.dumps(stored.payload),
+                    body=stored.body,
                     status=stored.status,
                     content_type="application/json",
                 )
@@ -390,10 +392,10 @@ class Simulator:
         if key:
             state.in_progress.add(key)
         try:
-            payload = self._accept(emails, state, config)
+            answer = orjson.dumps(self._accept(emails, state, config))
             if key:
                 state.idempotency[key] = _Stored(
-                    body_hash, 200, payload, time.monotonic() + IDEMPOTENCY_TTL_SECONDS
+                    body_hash, 200, answer, time.monotonic() + IDEMPOTENCY_TTL_SECONDS
                 )
         finally:
             if key:
@@ -401,7 +403,7 @@ class Simulator:
 
         if fault:  # phase "after": accepted and delivered, but the client hears an error
             return _error(fault.status, "application_error", "Injected fault after accepting.")
-        return web.Response(body=orjson.dumps(payload), content_type="application/json")
+        return web.Response(body=answer, content_type="application/json")
 
     def _accept(
         self, emails: list[dict[str, Any]], state: SimulatorState, config: SimulatorConfig

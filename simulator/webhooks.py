@@ -224,7 +224,9 @@ class MessageRecord:
     sender: Any
     to: tuple[str, ...]
     subject: Any
-    tags: Any
+    tags: dict[str, str]
+    """As events carry them: a dict of strings holds nothing the garbage collector walks,
+    where the request's list of dicts, kept for 100,000 messages, cost the send path."""
 
     @classmethod
     def of(cls, email_id: str, email: Mapping[str, Any], accepted_at: datetime) -> MessageRecord:
@@ -236,7 +238,7 @@ class MessageRecord:
             email.get("from"),
             tuple(to) if isinstance(to, list) else (to,),
             email.get("subject"),
-            email.get("tags"),
+            tags_object(email.get("tags")),
         )
 
 
@@ -351,7 +353,7 @@ def event_body(message: MessageRecord, event: PlannedEvent) -> bytes:
         "from": message.sender,
         "to": list(message.to),
         "subject": message.subject,
-        "tags": tags_object(message.tags),
+        "tags": dict(message.tags),
         **event.extra,
     }
     return orjson.dumps({"type": event.type, "created_at": iso_ms(event.created_at), "data": data})
