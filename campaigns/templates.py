@@ -95,14 +95,16 @@ class CompiledTemplate:
 
     def render(self, values: Mapping[str, object]) -> str:
         """Render with ``values``; a missing or null field renders as an empty string."""
+        literals = self.literals
         if not self.fields:
-            return self.literals[0]
-        out = [self.literals[0]]
-        for field, literal in zip(self.fields, self.literals[1:], strict=True):
-            value = values.get(field)
-            text = "" if value is None else str(value)
-            out.append(self.escape(text) if self.escape else text)
-            out.append(literal)
+            return literals[0]
+        get, escape = values.get, self.escape
+        out = [literals[0]]
+        for index, field in enumerate(self.fields, 1):
+            value = get(field)
+            text = "" if value is None else value if type(value) is str else str(value)
+            out.append(escape(text) if escape else text)
+            out.append(literals[index])
         return "".join(out)
 
 

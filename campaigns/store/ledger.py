@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import orjson
+
 from campaigns.store._pool import Conn
 
 Source = Literal["audience", "ledger"]
@@ -36,8 +38,10 @@ WHERE d.campaign_id = $1 AND d.status IN ('failed', 'abandoned') AND d.recipient
 ORDER BY d.recipient_id LIMIT $3
 """
 
+# merge_fields as text, decoded by orjson in read_range: the send path's biggest
+# decode, and exact here (the import writes an object of strings only).
 _COLUMNS = """
-    r.id, r.email, r.name, r.merge_fields,
+    r.id, r.email, r.name, r.merge_fields::text,
     d.status::text AS status, d.execution_id, d.round, d.request_key,
     s.email IS NOT NULL AS suppressed
 """
@@ -218,7 +222,11 @@ async def read_range(
         rows = await conn.fetch(_READ_AUDIENCE_RANGE, *args)
     else:
         rows = await conn.fetch(_READ_LEDGER_RANGE, *args, execution_id, round)
-    return [RecipientRow(*row) for row in rows]
+    loads = orjson.loads
+    return [
+        RecipientRow(row[0], row[1], row[2], loads(row[3]), row[4], row[5], row[6], row[7], row[8])
+        for row in rows
+    ]
 
 
 def _scope_args(scope: PlanScope) -> tuple[str, str, int, int]:
