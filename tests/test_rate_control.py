@@ -169,28 +169,38 @@ def test_an_advertised_limit_is_the_ceiling_and_trusted_when_calm() -> None:
     assert above_config.current == 30
 
 
-def test_converges_on_a_provider_limit_with_few_429s() -> None:
-    """A little provider model: 50 requests/s with a bucket of 50, ticks of 0.5 s."""
-    state, tokens, throttled, answered = Adaptive(current=100), 50.0, 0, 0
+@pytest.mark.parametrize(
+    ("limit", "lag_ticks", "most_429s"),
+    [(50, 0, 0.02), (50, 2, 0.02), (20, 2, 0.05), (80, 2, 0.02)],
+)
+def test_converges_on_a_provider_limit_with_few_429s(
+    limit: float, lag_ticks: int, most_429s: float
+) -> None:
+    """A little provider model: ``limit`` requests/s with a bucket of one second's,
+    ticks of 0.5 s, a ceiling of 100, and a rate that takes ``lag_ticks`` to show in
+    the answers (the requests already dispatched, the next report)."""
+    state, tokens, throttled, answered = Adaptive(current=100), float(limit), 0, 0
+    rates = [100.0] * (lag_ticks + 1)
     for tick in range(600):
-        rate = state.current or 100
-        asked = rate * 0.5
-        tokens = min(50.0, tokens + 25)
+        asked = rates[-1 - lag_ticks] * 0.5
+        tokens = min(float(limit), tokens + limit * 0.5)
         ok = min(asked, tokens)
         tokens -= ok
         window = Window(0.5, round(ok), round(asked - ok))
         if tick >= 100:
             answered += window.answered
             throttled += window.throttled
-        since = (state.since_decrease or 99) + 0.5
+        # 0.0 is a decrease just now, not none: spacing must hold in the model too
+        since = (99 if state.since_decrease is None else state.since_decrease) + 0.5
         decision = decide(
             Limits(100), Adaptive(state.current, state.throttled_at, None, since), window
         )
         state = Adaptive(
             decision.current, decision.throttled_at, None, 0.0 if decision.decreased else since
         )
-    assert answered / 250 >= 0.95 * 50  # 250 s measured
-    assert throttled / (answered + throttled) < 0.02
+        rates.append(state.current or 100)
+    assert answered / 250 >= 0.95 * limit  # 250 s measured
+    assert throttled / (answered + throttled) < most_429s
 
 
 @pytest.mark.parametrize(
