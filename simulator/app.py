@@ -141,8 +141,8 @@ class _Stored:
     body_hash: str
     status: int
     body: bytes
-    """The answer as sent: bytes hold no objects for the garbage collector to walk
-    (a dict of 100 ids per request, for a day, made it a third of the send path)."""
+    """The answer as sent, serialized once: bytes hold no objects for the garbage
+    collector to walk, where a dict of 100 ids a request was kept for a day."""
     expires_at: float
 
 

@@ -225,8 +225,8 @@ class MessageRecord:
     to: tuple[str, ...]
     subject: Any
     tags: dict[str, str]
-    """As events carry them: a dict of strings holds nothing the garbage collector walks,
-    where the request's list of dicts, kept for 100,000 messages, cost the send path."""
+    """As events carry them, made once: a dict of strings holds nothing the garbage
+    collector walks, where the request's list of dicts was kept for 100,000 messages."""
 
     @classmethod
     def of(cls, email_id: str, email: Mapping[str, Any], accepted_at: datetime) -> MessageRecord:
