@@ -353,7 +353,7 @@ def event_body(message: MessageRecord, event: PlannedEvent) -> bytes:
         "from": message.sender,
         "to": list(message.to),
         "subject": message.subject,
-        "tags": dict(message.tags),
+        "tags": message.tags,
         **event.extra,
     }
     return orjson.dumps({"type": event.type, "created_at": iso_ms(event.created_at), "data": data})
