@@ -162,7 +162,7 @@ class AccountCapacity(BaseModel):
     requests_per_batch: int = Field(
         default=1,
         description="The provider requests a batch activity is planned with (by the "
-        "configured ceiling: 1, 2, 4, 6 or 8).",
+        "configured ceiling: 1, 2, 4, 6, 8, 12 or 16).",
     )
     requests_per_dispatch: int = Field(
         default=1,

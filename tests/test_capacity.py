@@ -215,13 +215,13 @@ async def test_account_set_and_show_round_trip_and_apply_the_queue_rate_at_once(
     assert "requests/s limit 40" in out and "emails/s limit none" in out
     assert "ceiling 40 requests/s (configured)" in out
     assert "current rate 40 requests/s (at most 4,000 emails/s, 100 per request)" in out
-    # a tenth of a second's worth a dispatch: 4 requests, 10 dispatches/s on the queue
-    assert f"task queue {queue}: 10 dispatches/s of at most 4 requests = 40 requests/s" in out
-    assert "batch size 4 requests, 4 a dispatch now" in out
-    assert (await describe_queue(client, queue)).rate_limit == 10.0
+    # a fifth of a second's worth a dispatch: 8 requests, 5 dispatches/s on the queue
+    assert f"task queue {queue}: 5 dispatches/s of at most 8 requests = 40 requests/s" in out
+    assert "batch size 8 requests, 8 a dispatch now" in out
+    assert (await describe_queue(client, queue)).rate_limit == 5.0
     account = await accounts.get(own_db)
     assert account is not None and account.limits.requests_per_second == 40.0
-    assert account.applied_rps == 10.0
+    assert account.applied_rps == 5.0
 
     # the option left out keeps its value; the ceiling is the lower of the two
     done = await campaigns(own_env, "account", "set", "--emails-per-second", "1000")
@@ -229,17 +229,17 @@ async def test_account_set_and_show_round_trip_and_apply_the_queue_rate_at_once(
     out = one_line(done.stdout)
     assert "requests/s limit 40" in out and "emails/s limit 1,000" in out
     assert "ceiling 10 requests/s (configured)" in out
-    assert f"task queue {queue}: 10 dispatches/s of at most 1 request = 10 requests/s" in out
-    assert (await describe_queue(client, queue)).rate_limit == 10.0
+    assert f"task queue {queue}: 5 dispatches/s of at most 2 requests = 10 requests/s" in out
+    assert (await describe_queue(client, queue)).rate_limit == 5.0
     shown = await campaigns(own_env, "account", "show")
     assert "requests/s limit 40" in one_line(shown.stdout)
-    assert "set on the queue 10 dispatches/s = 10 requests/s" in one_line(shown.stdout)
+    assert "set on the queue 5 dispatches/s = 10 requests/s" in one_line(shown.stdout)
 
     # none clears one, then the other: no limit on the queue at all
     done = await campaigns(own_env, "account", "set", "--requests-per-second", "none")
     assert done.returncode == 0, done.stderr
     assert "requests/s limit none" in one_line(done.stdout)
-    assert (await describe_queue(client, queue)).rate_limit == 10.0  # emails/s still holds
+    assert (await describe_queue(client, queue)).rate_limit == 5.0  # emails/s still holds
     done = await campaigns(own_env, "account", "set", "--emails-per-second", "none")
     assert done.returncode == 0, done.stderr
     out = one_line(done.stdout)
@@ -276,7 +276,7 @@ async def test_account_set_without_temporal_is_written_and_left_to_the_workers(
     assert "requests/s limit 25" in out
     assert (
         "not set now (Temporal cannot be reached at 127.0.0.1:1); the workers set "
-        "12.5 dispatches/s of at most 2 requests = 25 requests/s on it at their next report" in out
+        "6.25 dispatches/s of at most 4 requests = 25 requests/s on it at their next report" in out
     )
     account = await accounts.get(own_db)
     assert account is not None and account.limits.requests_per_second == 25.0
@@ -297,7 +297,7 @@ async def test_capacity_shows_the_account_and_its_queue(
     assert capacity.account.requests_per_second == 8.0 and capacity.account.current_rps == 8.0
     assert capacity.account.ceiling_rps == 8.0 and capacity.account.ceiling_source == "configured"
     assert capacity.account.recent_throttle_ratio == 0.0
-    assert capacity.account.requests_per_batch == 1  # under 20 requests/s
+    assert capacity.account.requests_per_batch == 1  # under 10 requests/s
     assert capacity.account.requests_per_dispatch == 1
     assert capacity.queue is not None and capacity.queue.rate_limit == 8.0
     assert capacity.queue.task_queue == send_task_queue(own_env["CAMPAIGNS_TASK_QUEUE"])

@@ -38,17 +38,20 @@ def test_the_ceiling_is_the_tightest_of_requests_and_emails() -> None:
     [
         (None, 1),
         (0.5, 1),
-        (19.9, 1),
-        (20, 2),
-        (39, 2),
-        (50, 4),
-        (60, 6),
-        (79, 6),
-        (80, 8),
-        (5_000, 8),
+        (9.9, 1),
+        (10, 2),
+        (19, 2),
+        (20, 4),
+        (30, 6),
+        (39, 6),
+        (40, 8),
+        (60, 12),
+        (79, 12),
+        (80, 16),
+        (5_000, 16),
     ],
 )
-def test_a_batch_carries_about_a_tenth_of_a_seconds_requests_from_1_to_8(
+def test_a_batch_carries_about_a_fifth_of_a_seconds_requests_from_1_to_16(
     ceiling: float | None, per_batch: int
 ) -> None:
     assert requests_per_batch(ceiling) == per_batch
@@ -59,20 +62,25 @@ def test_a_batch_carries_about_a_tenth_of_a_seconds_requests_from_1_to_8(
     [
         (50, 5, 5),
         (20, 10, 2),
-        (30, 10, 2),
-        (80, 10, 5),
+        (30, 10, 5),
+        (80, 10, 10),
         (100, 10, 10),
         (8, 10, 1),
-        (50, 4, 4),
-        (30, 4, 2),
+        (50, 16, 8),
+        (20, 16, 4),
+        (80, 16, 16),
+        (30, 4, 4),
+        (15, 4, 2),
         (None, 6, 6),
-        (45, 5, 1),
+        (45, 5, 5),
+        (45, 7, 7),
+        (30, 7, 1),
     ],
 )
-def test_a_dispatch_sends_a_divisor_of_the_batch_near_a_tenth_of_a_second(
+def test_a_dispatch_sends_a_divisor_of_the_batch_near_a_fifth_of_a_second(
     rate: float | None, per_batch: int, per_dispatch: int
 ) -> None:
-    """Every attempt of a batch sends as many requests, and never more than a tenth of
+    """Every attempt of a batch sends as many requests, and never more than a fifth of
     a second's worth (rounded down to a divisor of the batch)."""
     assert requests_per_dispatch(rate, per_batch) == per_dispatch
 

@@ -198,7 +198,7 @@ async def test_two_worker_processes_and_two_campaigns_share_one_account_limit(
         assert '"batch done"' in process.log(), "both processes sent batches"
     stats = await sim.stats()
     assert stats["duplicated_recipients"] == 0 and stats["unique_recipients"] == 6_000
-    assert (await describe_queue(setup.client, setup.sends_queue)).rate_limit == 15
+    assert (await describe_queue(setup.client, setup.sends_queue)).rate_limit == 7.5  # of 2
 
 
 async def test_the_rate_backs_off_on_429s_and_climbs_when_the_provider_allows_more(
@@ -252,13 +252,13 @@ async def test_the_rate_backs_off_on_429s_and_climbs_when_the_provider_allows_mo
 async def test_batches_planned_before_a_lower_limit_send_only_what_it_allows(
     setup: Setup, sim: SimulatorControl, processes: Callable[..., WorkerProcess]
 ) -> None:
-    """Under 30 requests/s a batch carries 2 requests; once the limit is 10 (1 a batch),
-    the batches already planned send one request an attempt, so the account stays at
-    10 requests/s, and every recipient is sent once."""
+    """Under 30 requests/s a batch carries 6 requests; once the limit is 10 (2 a
+    dispatch), the batches already planned send two requests an attempt, so the account
+    stays at 10 requests/s, and every recipient is sent once."""
     await setup.limit(30)
-    assert (await setup.account()).requests_per_batch == 2
+    assert (await setup.account()).requests_per_batch == 6
     # Slow answers hold the first batches at the provider, so the rest of the first
-    # page (planned with 2 requests) starts after the limit drops: at full speed the
+    # page (planned with 6 requests) starts after the limit drops: at full speed the
     # queue's burst could send the whole page before it.
     await sim.configure(latency_ms=1500)
     org = await make_org(setup.pool)
