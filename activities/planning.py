@@ -284,7 +284,7 @@ class PlanningActivities:
             # page is either the end or a campaign out of scope: say which.
             await check_scope(self._pool, request.campaign_id, request.org, request.audience_id)
         return cut_into_batches(
-            [(row.id, row.request_last_id) for row in rows],
+            rows,
             request.after_id,
             request.recipients_per_activity,
             last_page=len(rows) < limit,

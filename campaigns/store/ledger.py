@@ -123,13 +123,10 @@ _COUNT_TO_RETRY = """SELECT count(*) FROM deliveries
 _PURGE_STALE_PLANS = "DELETE FROM provider_requests WHERE planned_at < now() - interval '24 hours'"
 
 
-@dataclass(frozen=True, slots=True)
-class PageRow:
-    """One recipient id of a page, and the last recipient id of the failed request
-    that carried it (None when no earlier request failed with it)."""
-
-    id: int
-    request_last_id: int | None
+PageRow = tuple[int, int | None]
+"""One recipient id of a page, and the last recipient id of the failed request that
+carried it (None when no earlier request failed with it). A plain pair: a page holds up
+to 100,000, and an object each cost the planner more than its SQL."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,7 +194,7 @@ async def page(
         rows = await conn.fetch(_PAGE_AUDIENCE, audience_id, after_id, limit, campaign_id, org)
     else:
         rows = await conn.fetch(_PAGE_LEDGER, campaign_id, after_id, limit, org)
-    return [PageRow(row["id"], row["request_last_id"]) for row in rows]
+    return [(row[0], row[1]) for row in rows]
 
 
 async def read_range(
