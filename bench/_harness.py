@@ -396,8 +396,14 @@ async def set_account_limit(
 
 
 async def disable_simulator_webhooks(bench: BenchStack) -> None:
-    """Stop the simulator posting webhook events (two HTTP posts per accepted email)."""
-    (await bench.simulator.put("/_sim/config", json={"webhook_url": None})).raise_for_status()
+    """Stop the simulator posting webhook events (two HTTP posts per accepted email)
+    and remembering messages for them: the simulator shares the benchmark's cores, and
+    a real provider's work is not the product's."""
+    (
+        await bench.simulator.put(
+            "/_sim/config", json={"webhook_url": None, "webhook_keep_messages": 0}
+        )
+    ).raise_for_status()
 
 
 def cpu_groups(bench: BenchStack, benchmark_pid: int) -> dict[str, list[int]]:

@@ -500,6 +500,8 @@ class WebhookSender:
         events, build the bodies and post them.
         """
         config = self._config()
+        if config.webhook_url is None and config.webhook_keep_messages <= 0:
+            return  # nothing will ask for this message's events
         message = MessageRecord.of(email_id, email, accepted_at)
         self._remember(message, config.webhook_keep_messages)
         if config.webhook_url is None:
